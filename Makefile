@@ -1,0 +1,33 @@
+# chaid — set-up, demo, tests. Every target creates and uses .venv at the repository root.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU wheel of torch that lies on this machine kind's disk; a CUDA box installs its own
+# torch first (see docs) and `make setup` leaves it alone because the range is satisfied.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_PROMPT ?= a red circle moving to the left across a grassy field
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	mkdir -p out
+	$(VENV)/bin/chaid generate "$(DEMO_PROMPT)" -o out/demo.mp4 --json
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check chaid tests
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

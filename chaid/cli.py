@@ -1,0 +1,178 @@
+"""The ``chaid`` command line: one sub-command per job, each registered by a small function.
+
+A sub-command module exposes ``register(subparsers)``, which adds its parser and sets
+``func`` to a callable taking the parsed namespace and returning an exit status. Heavy
+imports (torch, the models) happen inside those callables so ``chaid --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from chaid import __version__
+from chaid.config import load_settings
+from chaid.errors import ChaidError
+
+log = logging.getLogger("chaid")
+
+# Exit status for a usage or input error (argparse uses the same).
+EXIT_USAGE = 2
+# Exit status for a failure while doing the work (bad weights, encoder failure).
+EXIT_FAILURE = 1
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML settings file")
+    p.add_argument("--model", help="model preset (default: tiny-shapes)")
+    p.add_argument("--weights", type=Path, help="local weights directory or .safetensors file")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype")
+
+
+def _settings_from(args: argparse.Namespace):
+    return load_settings(
+        args.config,
+        overrides={
+            "model": {
+                "name": args.model,
+                "weights": args.weights,
+                "device": args.device,
+                "dtype": args.dtype,
+            },
+            "sampler": {"steps": args.steps, "cfg_scale": args.cfg_scale},
+        },
+    )
+
+
+def _register_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate one video in this process and write it as MP4",
+        description="Generate one video from a prompt, in process (no daemon), and write an MP4.",
+    )
+    p.add_argument("prompt", help="the text prompt")
+    p.add_argument("-o", "--output", type=Path, required=True, help="MP4 file to write")
+    p.add_argument("--frames", type=int, help="video frames (default: the model's)")
+    p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="width in pixels (default: the model's)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 30)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the run's facts")
+    _add_model_flags(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    # Imported here: torch and the models take seconds to import.
+    from chaid.engine.pipeline import GenerationRequest, Pipeline
+    from chaid.video import write_mp4
+
+    t0 = time.perf_counter()
+    pipeline = Pipeline.from_settings(settings)
+    load_ms = (time.perf_counter() - t0) * 1000.0
+    request = GenerationRequest(
+        prompt=args.prompt,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=settings.sampler.steps,
+        cfg_scale=settings.sampler.cfg_scale,
+        seed=args.seed,
+    )
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    result = pipeline.generate(request, on_step=bar.update if bar else None)
+    if bar:
+        bar.close()
+    write_mp4(args.output, result.video, fps=result.fps)
+    facts = {
+        "output": str(args.output),
+        "prompt": args.prompt,
+        "model": settings.model.name,
+        "device": str(pipeline.device),
+        "steps": result.steps,
+        "frames": result.video.shape[0],
+        "height": result.video.shape[1],
+        "width": result.video.shape[2],
+        "fps": result.fps,
+        "seed": args.seed,
+        "cfg_scale": request.cfg_scale,
+        "latent_shape": list(result.latent.shape),
+        "timings": {**result.timings.as_dict(), "load_ms": round(load_ms, 1)},
+    }
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        t = result.timings
+        print(
+            f"wrote {args.output}: {facts['frames']} frames {facts['width']}x{facts['height']}"
+            f" in {t.total_ms / 1000:.2f} s ({result.steps} steps)"
+        )
+    return 0
+
+
+class ProgressBar:
+    """A one-line progress bar for denoising steps, drawn on a terminal stream."""
+
+    WIDTH = 30
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.start = time.perf_counter()
+
+    def update(self, step: int, num_steps: int, t: float, z=None) -> None:
+        done = step - 1  # the hook fires before step `step` runs
+        filled = int(self.WIDTH * done / num_steps)
+        elapsed = time.perf_counter() - self.start
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self.stream.write(f"\rdenoising [{bar}] {done}/{num_steps} t={t:7.2f} {elapsed:6.1f}s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\rdenoising [{'#' * self.WIDTH}] done in {elapsed:.1f}s{' ' * 12}\n")
+        self.stream.flush()
+
+
+# Each entry adds one sub-command; modules that grow commands add their register here.
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_register_generate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chaid", description="chaid: a caching sidecar daemon for text-to-video diffusion"
+    )
+    parser.add_argument("--version", action="version", version=f"chaid {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ChaidError as exc:
+        print(f"chaid: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("chaid: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Domain errors. Each is reported to a user as one clear line; none needs a traceback."""
+
+
+class ChaidError(Exception):
+    """Base of every error chaid reports to its user."""
+
+
+class ConfigError(ChaidError, ValueError):
+    """A setting is unknown, of the wrong type, or out of range."""
+
+
+class WeightsError(ChaidError):
+    """A checkpoint is missing, unreadable, or does not match the model (names or shapes)."""
+
+
+class InputError(ChaidError, ValueError):
+    """A request parameter is invalid (prompt, frames, size, steps, seed)."""
