@@ -87,7 +87,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         cfg_scale=settings.sampler.cfg_scale,
         seed=args.seed,
     )
-    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    bar = ProgressBar(sys.stderr, request.steps) if sys.stderr.isatty() else None
     result = pipeline.generate(request, on_step=bar.update if bar else None)
     if bar:
         bar.close()
@@ -123,12 +123,14 @@ class ProgressBar:
 
     WIDTH = 30
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, num_steps: int) -> None:
         self.stream = stream
+        self.num_steps = num_steps
         self.start = time.perf_counter()
 
-    def update(self, step: int, num_steps: int, t: float, z=None) -> None:
-        done = step - 1  # the hook fires before step `step` runs
+    def update(self, step: int, t: float, z=None) -> None:
+        """A sampler step hook: called before step ``step`` (1-based) runs."""
+        done, num_steps = step - 1, self.num_steps
         filled = int(self.WIDTH * done / num_steps)
         elapsed = time.perf_counter() - self.start
         bar = "#" * filled + "-" * (self.WIDTH - filled)

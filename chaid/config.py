@@ -53,9 +53,13 @@ class Settings:
         if self.model.device not in ("auto", "cpu", "cuda") and not self.model.device.startswith(
             "cuda:"
         ):
-            raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, not {self.model.device!r}")
+            raise ConfigError(
+                f"model.device must be auto, cpu, cuda or cuda:N, not {self.model.device!r}"
+            )
         if self.model.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"model.dtype must be one of {sorted(DTYPE_NAMES)}, not {self.model.dtype!r}")
+            raise ConfigError(
+                f"model.dtype must be one of {sorted(DTYPE_NAMES)}, not {self.model.dtype!r}"
+            )
         if not 1 <= self.sampler.steps <= MAX_STEPS:
             raise ConfigError(f"sampler.steps must be in 1..{MAX_STEPS}, not {self.sampler.steps}")
         if not 0.0 <= self.sampler.cfg_scale <= MAX_CFG_SCALE:
@@ -136,7 +140,9 @@ def _merge(layers: dict[str, dict[str, Any]], data: Mapping[str, Any], source: s
             if name not in hints:
                 known = ", ".join(sorted(hints))
                 raise ConfigError(f"unknown setting {section}.{name} in {source} (known: {known})")
-            layers.setdefault(section, {})[name] = _coerce(raw, hints[name], f"{section}.{name}", source)
+            layers.setdefault(section, {})[name] = _coerce(
+                raw, hints[name], f"{section}.{name}", source
+            )
 
 
 def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
@@ -152,7 +158,16 @@ def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
         if hint is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            if isinstance(value, str) and value.lower() in (
+                "1",
+                "true",
+                "yes",
+                "on",
+                "0",
+                "false",
+                "no",
+                "off",
+            ):
                 return value.lower() in ("1", "true", "yes", "on")
             raise ValueError(value)
         if hint is int:

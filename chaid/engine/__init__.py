@@ -1,0 +1,1 @@
+"""The engine: the generation pipeline and the rectified-flow sampler it drives."""

@@ -1,0 +1,185 @@
+"""One-shot generation: prompt → text states → noise → rectified flow → decode → frames.
+
+A :class:`Pipeline` holds the model parts of one preset on one device and is stateless
+between requests: everything a request needs (its seed, its hook, its timings) lives in
+the call, so one pipeline can serve requests one after another from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from chaid.config import Settings
+from chaid.engine.sampler import Guidance, StepHook, sample, schedule, transform_ratio
+from chaid.errors import InputError
+from chaid.models import ModelParts, build_parts
+
+log = logging.getLogger(__name__)
+
+# Request bounds. Prompts longer than this are never meaningful to a text encoder whose
+# context is a few hundred tokens, and would only cost tokenizer time.
+MAX_PROMPT_CHARS = 2000
+# Frames/sides beyond these would not fit any supported model's memory plan.
+MAX_FRAMES = 512
+MAX_SIDE = 2048
+MAX_STEPS = 1000
+MAX_CFG_SCALE = 100.0
+MAX_SEED = 2**63 - 1
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    # None: the model preset's default video size and rate.
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    fps: int | None = None
+    steps: int = 30
+    # None: no guidance (conditional branch only, half the compute).
+    cfg_scale: float | None = 7.0
+    seed: int = 0
+
+
+@dataclass
+class Timings:
+    encode_ms: float = 0.0
+    denoise_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in asdict(self).items()}
+
+
+@dataclass
+class GenerationResult:
+    video: np.ndarray  # (F, H, W, 3) uint8 RGB
+    latent: torch.Tensor  # (C, T, h, w) fp32 on the CPU: the final denoised latent
+    steps: int
+    fps: int
+    timings: Timings
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but torch sees no CUDA device")
+    return device
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise InputError(f"{name} must be in {low}..{high}, not {value}")
+    return value
+
+
+class Pipeline:
+    def __init__(self, parts: ModelParts, device: torch.device) -> None:
+        self.parts = parts
+        self.device = device
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pipeline:
+        device = resolve_device(settings.model.device)
+        parts = build_parts(
+            settings.model.name,
+            settings.model.weights,
+            device=device,
+            dtype=DTYPES[settings.model.dtype],
+        )
+        return cls(parts, device)
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """Fill defaults from the preset and validate every field; InputError if invalid."""
+        spec = self.parts.spec
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            raise InputError("prompt must be a non-empty string")
+        if len(request.prompt) > MAX_PROMPT_CHARS:
+            raise InputError(
+                f"prompt is {len(request.prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
+            )
+        frames = _check_int(
+            "frames", spec.frames if request.frames is None else request.frames, 1, MAX_FRAMES
+        )
+        height = _check_int(
+            "height", spec.height if request.height is None else request.height, 1, MAX_SIDE
+        )
+        width = _check_int(
+            "width", spec.width if request.width is None else request.width, 1, MAX_SIDE
+        )
+        fps = _check_int("fps", spec.fps if request.fps is None else request.fps, 1, 240)
+        self.parts.vae.latent_shape(frames, height, width)  # raises InputError if unsupported
+        steps = _check_int("steps", request.steps, 1, MAX_STEPS)
+        seed = _check_int("seed", request.seed, 0, MAX_SEED)
+        scale = request.cfg_scale
+        if scale is not None:
+            if (
+                isinstance(scale, bool)
+                or not isinstance(scale, int | float)
+                or not np.isfinite(scale)
+            ):
+                raise InputError("cfg_scale must be a finite number or None")
+            if not 0.0 <= scale <= MAX_CFG_SCALE:
+                raise InputError(f"cfg_scale must be in 0..{MAX_CFG_SCALE}, not {scale}")
+            scale = float(scale)
+        return GenerationRequest(request.prompt, frames, height, width, fps, steps, scale, seed)
+
+    def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
+        """z_1 for a resolved request: drawn on the CPU from the seed, so every device
+        starts from the same noise."""
+        shape = self.parts.vae.latent_shape(request.frames, request.height, request.width)
+        gen = torch.Generator(device="cpu").manual_seed(request.seed)
+        return torch.randn((1, *shape), generator=gen).to(self.device)
+
+    @torch.inference_mode()
+    def generate(
+        self, request: GenerationRequest, on_step: StepHook | None = None
+    ) -> GenerationResult:
+        """Run one request to completion.
+
+        ``on_step(k, t_k, z_k)`` is called before each denoising step; whatever it raises
+        stops the run and propagates (nothing is kept). Raises InputError for an invalid
+        request before any model work.
+        """
+        req = self.resolve(request)
+        parts = self.parts
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t_start = time.perf_counter()
+        # 1. text
+        text = parts.text_encoder.encode([req.prompt]).to(self.device)
+        sync()
+        t_encoded = time.perf_counter()
+        # 2. noise and schedule
+        noise = self.initial_noise(req)
+        ratio = transform_ratio(req.height, req.width, noise.shape[2], parts.dit.cfg.input_sq_size)
+        timesteps = schedule(req.steps, ratio)
+        # 3. denoise
+        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, req.height, req.width)
+        z = sample(lambda z, t, step: guidance.velocity(z, t), noise, timesteps, on_step)
+        sync()
+        t_denoised = time.perf_counter()
+        # 4. decode
+        frames = parts.vae.decode(z, req.frames)[0]  # (3, F, H, W) in [-1, 1]
+        video = ((frames.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        video_np = video.permute(1, 2, 3, 0).cpu().numpy()
+        t_end = time.perf_counter()
+        timings = Timings(
+            encode_ms=(t_encoded - t_start) * 1000,
+            denoise_ms=(t_denoised - t_encoded) * 1000,
+            decode_ms=(t_end - t_denoised) * 1000,
+            total_ms=(t_end - t_start) * 1000,
+        )
+        log.debug("generated %r in %.0f ms (%d steps)", req.prompt, timings.total_ms, req.steps)
+        return GenerationResult(video_np, z[0].float().cpu(), req.steps, req.fps, timings)

@@ -1,0 +1,128 @@
+"""OpenSora 1.2's rectified-flow sampler: timestep schedule, guidance, Euler integration.
+
+Conventions: t runs from 1000 (pure noise) to 0 (data); x_t = (1 - t/1000)·x0 + (t/1000)·ε
+and the model predicts v = x0 - ε, so an Euler step toward t = 0 is z += v·Δt/1000.
+
+Step numbering is 1-based, as in the CHAI paper: step k is fed latent z_k, and z_1 is the
+initial noise. A per-step hook sees (k, t_k, z_k) before the model runs, which is where
+progress reporting, cancellation and latent capture attach.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from chaid.models.stdit3 import BlockAttnPlan, STDiT3
+from chaid.models.text import TextEmbedding
+
+# Training timesteps of OpenSora 1.2; t is continuous in [0, NUM_TIMESTEPS].
+NUM_TIMESTEPS = 1000
+
+# hook(step, t, z): step is 1-based, t the (transformed) timestep, z the latent fed at step.
+StepHook = Callable[[int, float, torch.Tensor], None]
+
+
+def transform_ratio(height: int, width: int, latent_frames: int, base_side: int = 512) -> float:
+    """r = sqrt(H·W / base²) · sqrt(F_lat): larger videos spend more steps at high noise."""
+    return math.sqrt(height * width / base_side**2) * math.sqrt(latent_frames)
+
+
+def timestep_transform(t: float, ratio: float) -> float:
+    """Map t in [0, 1000] through t' = r·s / (1 + (r-1)·s), s = t/1000."""
+    s = t / NUM_TIMESTEPS
+    return ratio * s / (1 + (ratio - 1) * s) * NUM_TIMESTEPS
+
+
+def schedule(num_steps: int, ratio: float | None = None) -> list[float]:
+    """The num_steps timesteps of a run, from 1000 down (the run then integrates to 0).
+
+    t_i = (1 - i/N)·1000 for i = 0..N-1, each passed through the transform when a ratio
+    is given.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be at least 1")
+    ts = [(1.0 - i / num_steps) * NUM_TIMESTEPS for i in range(num_steps)]
+    if ratio is not None:
+        ts = [timestep_transform(t, ratio) for t in ts]
+    return ts
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance around one DiT call per step.
+
+    The batch is [conditional; unconditional]; the unconditional branch uses the DiT's
+    learned null caption with the conditional prompt's mask. ``scale=None`` runs the
+    conditional branch alone (no guidance).
+    """
+
+    dit: STDiT3
+    text: TextEmbedding
+    scale: float | None
+    fps: float
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        b = self.text.states.shape[0]
+        dtype = self.dit.x_embedder.proj.weight.dtype
+        states = self.text.states.to(dtype)
+        if self.scale is None:
+            self._y, self._mask = states, self.text.mask
+        else:
+            null = self.dit.null_caption(b).to(states.device, dtype)
+            self._y = torch.cat([states, null], dim=0)
+            self._mask = torch.cat([self.text.mask, self.text.mask], dim=0)
+
+    def velocity(self, z: torch.Tensor, t: float, attn_plan: BlockAttnPlan | None = None):
+        """v for latents z (B, C, T, H, W) at timestep t: (B, C, T, H, W) in fp32."""
+        branches = 1 if self.scale is None else 2
+        z_in = torch.cat([z] * branches, dim=0) if branches > 1 else z
+        t_in = torch.full((z_in.shape[0],), t, dtype=torch.float32, device=z.device)
+        out = self.dit(
+            z_in,
+            t_in,
+            self._y,
+            self._mask,
+            fps=self.fps,
+            height=self.height,
+            width=self.width,
+            attn_plan=attn_plan,
+        )
+        v = out[:, : z.shape[1]]  # the variance channels are unused at inference
+        if self.scale is None:
+            return v
+        cond, uncond = v.chunk(2, dim=0)
+        return uncond + self.scale * (cond - uncond)
+
+
+def sample(
+    velocity: Callable[[torch.Tensor, float, int], torch.Tensor],
+    noise: torch.Tensor,
+    timesteps: list[float],
+    on_step: StepHook | None = None,
+) -> torch.Tensor:
+    """Euler-integrate from ``noise`` through ``timesteps`` to t = 0.
+
+    Args:
+        velocity: ``velocity(z, t, step)`` → v, step 1-based.
+        noise: z_1.
+        timesteps: descending t values, one per step (see :func:`schedule`).
+        on_step: called as on_step(k, t_k, z_k) before each model call; an exception it
+            raises (e.g. a cancellation) stops sampling and propagates.
+
+    Returns: the final latent (same shape as noise), fp32.
+    """
+    z = noise.float()
+    for i, t in enumerate(timesteps):
+        step = i + 1
+        if on_step is not None:
+            on_step(step, t, z)
+        v = velocity(z, t, step)
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else 0.0
+        z = z + v * ((t - t_next) / NUM_TIMESTEPS)
+    return z

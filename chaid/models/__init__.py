@@ -1,0 +1,205 @@
+"""Models by name: the DiT, its text encoder and its VAE, built from a preset.
+
+``build_model(name)`` gives the STDiT3 of a preset; ``build_parts(name)`` gives everything
+a pipeline needs. Presets are one-line entries in :data:`PRESETS` whose keys are the CLI's
+``--model`` choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chaid.errors import ChaidError, WeightsError
+from chaid.models.stdit3 import STDiT3, STDiT3Config
+from chaid.models.text import HashTextEncoder, TextEncoder
+from chaid.models.vae import PoolingAutoencoder, VideoAutoencoder
+from chaid.models.weights import load_weights
+
+__all__ = [
+    "PRESETS",
+    "ModelParts",
+    "ModelSpec",
+    "STDiT3",
+    "STDiT3Config",
+    "build_model",
+    "build_parts",
+    "get_spec",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    dit: STDiT3Config
+    # Builds the text encoder for this DiT (its dim and max_length match the DiT config).
+    text_encoder: Callable[[STDiT3Config], TextEncoder]
+    # Builds the video autoencoder whose latents the DiT denoises.
+    vae: Callable[[], VideoAutoencoder]
+    # Default video: frames, height and width in pixels, frames per second.
+    frames: int
+    height: int
+    width: int
+    fps: int
+
+
+def _hash_encoder(cfg: STDiT3Config) -> TextEncoder:
+    return HashTextEncoder(cfg.caption_channels, cfg.model_max_length)
+
+
+def _unavailable(what: str) -> Callable[..., Any]:
+    def build(*_: Any) -> Any:
+        raise ChaidError(f"{what} is not available in this version of chaid")
+
+    return build
+
+
+# The released STDiT3-XL/2 (OpenSora 1.2): the defaults of STDiT3Config.
+OPENSORA_12 = STDiT3Config()
+
+PRESETS: dict[str, ModelSpec] = {
+    "opensora-1.2": ModelSpec(
+        name="opensora-1.2",
+        description="OpenSora 1.2 STDiT3-XL/2 (1.1B parameters; 240p/360p/480p on a GPU)",
+        dit=OPENSORA_12,
+        text_encoder=_unavailable("the T5-XXL text encoder of opensora-1.2"),
+        vae=_unavailable("the VAE v1.2 of opensora-1.2"),
+        frames=51,
+        height=240,
+        width=426,
+        fps=24,
+    ),
+    "tiny-shapes": ModelSpec(
+        name="tiny-shapes",
+        description="a small STDiT3 for the embedded Shapes world; runs on a CPU",
+        dit=STDiT3Config(
+            hidden_size=192,
+            depth=4,
+            num_heads=3,
+            caption_channels=384,
+            model_max_length=32,
+            input_sq_size=64,
+        ),
+        text_encoder=_hash_encoder,
+        vae=lambda: PoolingAutoencoder(spatial_factor=8),
+        frames=8,
+        height=64,
+        width=64,
+        fps=8,
+    ),
+    "tiny-test": ModelSpec(
+        name="tiny-test",
+        description="the smallest STDiT3 that exercises every code path; for tests",
+        dit=STDiT3Config(
+            hidden_size=64,
+            depth=2,
+            num_heads=2,
+            caption_channels=32,
+            model_max_length=16,
+            input_sq_size=32,
+        ),
+        text_encoder=_hash_encoder,
+        vae=lambda: PoolingAutoencoder(spatial_factor=8),
+        frames=4,
+        height=32,
+        width=32,
+        fps=8,
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ChaidError(f"unknown model {name!r} (known: {', '.join(sorted(PRESETS))})") from None
+
+
+def build_model(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> STDiT3:
+    """Build the STDiT3 of a preset, optionally with some config fields replaced.
+
+    Args:
+        name: a key of PRESETS.
+        weights: a .safetensors file or a directory with model.safetensors, loaded strictly;
+            None initialises the weights from ``seed`` (or leaves them unallocated on meta).
+        device: where the model lives; "meta" builds shapes only.
+        dtype: parameter dtype.
+        config_overrides: STDiT3Config fields to replace (e.g. depth=2 for a reduced copy).
+
+    Raises:
+        ChaidError: unknown preset or config field; WeightsError: checkpoint problems.
+    """
+    cfg = get_spec(name).dit
+    if config_overrides:
+        unknown = set(config_overrides) - {f.name for f in dataclasses.fields(STDiT3Config)}
+        if unknown:
+            raise ChaidError(f"unknown STDiT3 config fields: {', '.join(sorted(unknown))}")
+        cfg = dataclasses.replace(cfg, **config_overrides)
+    device = torch.device(device)
+    if weights is not None:
+        with torch.device("meta"):
+            model = STDiT3(cfg)
+        if device.type == "meta":
+            raise WeightsError("cannot load weights onto the meta device")
+        load_weights(
+            model,
+            weights,
+            optional={"rope.freqs": model.rope.freqs()},
+            device=device,
+            dtype=dtype,
+        )
+        return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device("meta" if device.type == "meta" else "cpu"):
+            model = STDiT3(cfg)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@dataclass
+class ModelParts:
+    """Everything a pipeline needs from one preset."""
+
+    spec: ModelSpec
+    dit: STDiT3
+    text_encoder: TextEncoder
+    vae: VideoAutoencoder
+
+
+def build_parts(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ModelParts:
+    """Build the DiT, text encoder and VAE of a preset; checks that they fit together."""
+    spec = get_spec(name)
+    text_encoder = spec.text_encoder(spec.dit)
+    vae = spec.vae()
+    dit = build_model(name, weights, device=device, dtype=dtype)
+    cfg = dit.cfg
+    if (text_encoder.dim, text_encoder.max_length) != (cfg.caption_channels, cfg.model_max_length):
+        raise ChaidError(
+            f"text encoder {text_encoder.name} gives {text_encoder.max_length}x{text_encoder.dim}"
+            f" states, the DiT expects {cfg.model_max_length}x{cfg.caption_channels}"
+        )
+    if vae.latent_channels != cfg.in_channels:
+        raise ChaidError(
+            f"VAE has {vae.latent_channels} latent channels, the DiT {cfg.in_channels}"
+        )
+    return ModelParts(spec=spec, dit=dit, text_encoder=text_encoder, vae=vae)
