@@ -331,7 +331,8 @@ class STDiT3Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, c) / c**0.5)
 
     def modulation(self, t_mlp: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, 6C) → shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, 1, C)."""
+        """(B, 6C) → the six modulation rows, each (B, 1, C):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp."""
         b = t_mlp.shape[0]
         return (self.scale_shift_table[None] + t_mlp.reshape(b, 6, -1)).chunk(6, dim=1)
 

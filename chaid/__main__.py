@@ -1,0 +1,5 @@
+import sys
+
+from chaid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,111 @@
+"""The generation pipeline: determinism, guidance, validation, timings."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+
+from chaid.engine.pipeline import GenerationRequest, Pipeline
+from chaid.engine.sampler import Guidance
+from chaid.errors import InputError
+from chaid.models import build_parts
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    parts = build_parts("tiny-test")
+    randomize_(parts.dit, seed=11)
+    return Pipeline(parts, torch.device("cpu"))
+
+
+def test_same_seed_same_video_bit_for_bit(pipeline):
+    req = GenerationRequest("a red circle moving left", steps=6, seed=42)
+    a = pipeline.generate(req)
+    b = pipeline.generate(req)
+    assert np.array_equal(a.video, b.video)
+    assert torch.equal(a.latent, b.latent)
+    c = pipeline.generate(dataclasses.replace(req, seed=43))
+    assert not torch.equal(a.latent, c.latent)
+
+
+def test_prompt_changes_the_video(pipeline):
+    a = pipeline.generate(GenerationRequest("a red circle", steps=4))
+    b = pipeline.generate(GenerationRequest("a blue square over the ocean", steps=4))
+    assert not torch.equal(a.latent, b.latent)
+
+
+def test_result_shapes_defaults_and_timings(pipeline):
+    res = pipeline.generate(
+        GenerationRequest("a green triangle", steps=3, frames=6, height=40, width=48)
+    )
+    assert res.video.shape == (6, 40, 48, 3) and res.video.dtype == np.uint8
+    assert tuple(res.latent.shape) == (4, 6, 5, 6)
+    assert res.steps == 3 and res.fps == pipeline.parts.spec.fps
+    t = res.timings
+    assert min(t.encode_ms, t.denoise_ms, t.decode_ms) >= 0
+    assert t.total_ms >= t.denoise_ms
+    spec = pipeline.parts.spec
+    res = pipeline.generate(GenerationRequest("x", steps=1))
+    assert res.video.shape == (spec.frames, spec.height, spec.width, 3)
+
+
+def _guidance_velocity(pipeline, scale, z, t):
+    text = pipeline.parts.text_encoder.encode(["a purple square bouncing"])
+    g = Guidance(pipeline.parts.dit, text, scale, fps=8, height=32, width=32)
+    with torch.no_grad():
+        return g.velocity(z, t)
+
+
+def test_cfg_scale_one_equals_the_unguided_path(pipeline):
+    z = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    unguided = _guidance_velocity(pipeline, None, z, 500.0)
+    assert torch.allclose(_guidance_velocity(pipeline, 1.0, z, 500.0), unguided, atol=1e-5)
+    assert not torch.allclose(_guidance_velocity(pipeline, 7.0, z, 500.0), unguided, atol=1e-3)
+
+
+def test_guidance_scale_zero_is_the_null_caption_with_the_prompt_mask(pipeline):
+    dit = pipeline.parts.dit
+    text = pipeline.parts.text_encoder.encode(["a white circle standing still"])
+    z = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        v0 = Guidance(dit, text, 0.0, fps=8, height=32, width=32).velocity(z, 300.0)
+        null = dit(
+            z, torch.tensor([300.0]), dit.null_caption(1), text.mask, fps=8, height=32, width=32
+        )
+        all_tokens = dit(
+            z, torch.tensor([300.0]), dit.null_caption(1), None, fps=8, height=32, width=32
+        )
+    assert torch.allclose(v0, null[:, :4], atol=1e-5)
+    assert not torch.allclose(v0, all_tokens[:, :4], atol=1e-4)
+
+
+def test_step_hook_gets_every_step(pipeline):
+    steps = []
+    pipeline.generate(
+        GenerationRequest("a yellow disc", steps=5), on_step=lambda k, t, z: steps.append(k)
+    )
+    assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prompt": ""}, "non-empty"),
+        ({"prompt": "x" * 5000}, "limit"),
+        ({"frames": 0}, "frames"),
+        ({"height": 30}, "multiples of 8"),
+        ({"width": 1 << 20}, "width"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 2.5}, "integer"),
+        ({"seed": -1}, "seed"),
+        ({"cfg_scale": float("nan")}, "finite"),
+        ({"cfg_scale": 1e9}, "cfg_scale"),
+        ({"frames": True}, "integer"),
+    ],
+)
+def test_invalid_requests_are_refused_before_any_work(pipeline, change, message):
+    req = dataclasses.replace(GenerationRequest("a red ball", steps=2), **change)
+    with pytest.raises(InputError, match=message):
+        pipeline.generate(req, on_step=lambda *a: pytest.fail("model ran"))
