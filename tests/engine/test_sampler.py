@@ -1,6 +1,7 @@
 """Rectified-flow schedule and Euler integration (shared/reference/opensora-1.2.md)."""
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -35,9 +36,9 @@ def test_transformed_schedule_endpoints_and_order():
     s = 1 / 30
     assert ts[-1] == pytest.approx(1000 * r * s / (1 + (r - 1) * s))
     assert ts[-1] == pytest.approx(77.0, abs=0.1)
-    assert all(a > b for a, b in zip(ts, ts[1:]))
+    assert all(a > b for a, b in pairwise(ts))
     # r > 1 keeps every step at a higher noise level than the plain schedule
-    assert all(t >= p for t, p in zip(ts, schedule(30)))
+    assert all(t >= p for t, p in zip(ts, schedule(30), strict=True))
 
 
 def test_transform_identity_at_ratio_one():
