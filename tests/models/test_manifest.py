@@ -42,3 +42,16 @@ def test_config_overrides_build_a_reduced_copy():
     model = build_model("opensora-1.2", device="meta", depth=2)
     assert len(model.spatial_blocks) == 2 and len(model.temporal_blocks) == 2
     assert model.cfg.hidden_size == 1152
+
+
+def test_reduced_depth_opensora_runs_at_full_width():
+    """The XL/2 widths (head_dim 72, caption 4096) run end to end on a small latent."""
+    model = build_model("opensora-1.2", depth=1)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 2, 6, 9, generator=gen)  # odd width exercises the padding
+    y = torch.randn(1, 300, 4096, generator=gen)
+    mask = torch.zeros(1, 300, dtype=torch.bool)
+    mask[0, :12] = True
+    with torch.no_grad():
+        out = model(z, torch.tensor([900.0]), y, mask, fps=24, height=48, width=72)
+    assert out.shape == (1, 8, 2, 6, 9) and torch.isfinite(out).all()
