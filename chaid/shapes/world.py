@@ -282,15 +282,20 @@ def _grassy_field(
     return rgb[None]
 
 
+# Wavelengths the ocean's crests travel over a clip: clearly moving, and short of a whole
+# period so the last frame never repeats the first.
+WAVE_TRAVEL = 0.75
+
+
 def _ocean(rng: np.random.Generator, t: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     h, w = yy.shape[0], xx.shape[1]
     warp = _value_noise(rng, h, w, 3, 4)
     foam_noise = _value_noise(rng, h, w, max(2, h // 6), max(2, w // 3))
     rows = 5.0 + 3.0 * rng.random()
-    # Crests travel towards the viewer (down the frame) by one wavelength per clip:
+    # Crests travel towards the viewer (down the frame) by WAVE_TRAVEL wavelengths per clip;
     # sin(a - b) = sin(a)cos(b) - cos(a)sin(b) keeps the per-frame work to a multiply-add.
     crest = 2 * math.pi * (rows * yy + 0.6 * warp) + 2 * math.pi * rng.random()
-    shift = 2 * np.pi * t
+    shift = (2 * math.pi * WAVE_TRAVEL) * t
     wave = (
         np.sin(crest)[None] * np.cos(shift)[:, None, None]
         - np.cos(crest)[None] * np.sin(shift)[:, None, None]
@@ -509,6 +514,8 @@ class SceneDistribution:
 
 
 DEFAULT_DISTRIBUTION = SceneDistribution()
+# Latest time (fraction of the clip) of the first reflection of a sampled bouncing object.
+BOUNCE_BY = 0.6
 # Redraws before sample_scene gives up on an `exclude` that rejects (almost) everything.
 MAX_REDRAWS = 1000
 
@@ -550,7 +557,21 @@ def _vary_object(
     speed = _uniform(rng, dist.bounce_travel if motion == "bouncing" else dist.travel)
     # Bouncing heads diagonally (20..70 degrees off an axis, any quadrant) so both axes move.
     heading = math.radians(float(rng.uniform(20.0, 70.0)) + 90.0 * int(rng.integers(4)))
+    if motion == "bouncing":
+        x, y = _early_bounce_start(rng, x, y, speed, heading)
     return ShapeObject(shape, colour, motion, size=size, x=x, y=y, speed=speed, heading=heading)
+
+
+def _early_bounce_start(
+    rng: np.random.Generator, x: float, y: float, speed: float, heading: float
+) -> tuple[float, float]:
+    """Move the start along the faster axis so the first reflection comes by 60% of the
+    clip: a bounce late in the clip would look like a straight motion at 8 frames."""
+    vx, vy = speed * math.cos(heading), speed * math.sin(heading)
+    velocity = vx if abs(vx) >= abs(vy) else vy
+    gap = float(rng.uniform(0.05, min(1.0, BOUNCE_BY * abs(velocity))))
+    start = 1.0 - gap if velocity > 0 else gap
+    return (start, y) if abs(vx) >= abs(vy) else (x, start)
 
 
 def _vary_lighting(rng: np.random.Generator, scale: float) -> Lighting:
