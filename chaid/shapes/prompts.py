@@ -80,7 +80,10 @@ DIRECTED_VERBS: dict[str, tuple[tuple[str, str], ...]] = {
     "bouncing": (("bouncing around", "bounces around"),
                  ("bouncing off the edges", "bounces off the edges"),
                  ("ricocheting around", "ricochets around"),
-                 ("bouncing from wall to wall", "bounces from wall to wall")),
+                 ("bouncing from wall to wall", "bounces from wall to wall"),
+                 ("bouncing about", "bounces about"),
+                 ("rebounding off the walls", "rebounds off the walls"),
+                 ("ricocheting off the edges", "ricochets off the edges")),
     "still": (("standing still", "stands still"), ("sitting still", "sits still"),
               ("resting motionless", "rests motionless"), ("staying put", "stays put"),
               ("holding still", "holds still"), ("not moving", "does not move"),
@@ -266,7 +269,7 @@ EXTRA_SHAPE_WORDS: dict[str, tuple[str, ...]] = {
 }
 EXTRA_COLOUR_WORDS: dict[str, tuple[str, ...]] = {
     "yellow": ("gold",),
-    "white": ("ivory", "pearl", "milky"),
+    "white": ("pearl", "milky"),
     "purple": ("indigo",),
 }
 EXTRA_MOTION_WORDS: dict[str, tuple[str, ...]] = {
@@ -275,7 +278,8 @@ EXTRA_MOTION_WORDS: dict[str, tuple[str, ...]] = {
     "up": ("top", "rise", "rising", "rises", "climbing", "climbs", "ascending", "ascends"),
     "down": ("bottom", "fall", "falling", "falls", "sinking", "sinks", "dropping", "drops",
              "descending", "descends"),
-    "bouncing": ("bouncing", "bounces", "bounce", "bouncy", "ricocheting", "ricochets"),
+    "bouncing": ("bouncing", "bounces", "bounce", "bouncy", "ricocheting", "ricochets",
+                 "rebounding", "rebounds"),
     "still": ("still", "motionless", "stationary", "unmoving", "static", "stays put",
               "staying put", "not moving", "does not move", "doesn t move", "in place",
               "at rest"),
