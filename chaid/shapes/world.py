@@ -596,17 +596,18 @@ def sample_scene(
     triples) fix those attributes; everything else (the other attributes, size, position,
     speed, texture, lighting) is drawn. Two drawn objects always differ in shape or colour,
     so a prompt can tell them apart. Raises ValueError for unknown names, and RuntimeError
-    when ``distribution.exclude`` rejects MAX_REDRAWS draws in a row.
+    when ``distribution.exclude`` rejects MAX_REDRAWS draws in a row or the weights leave
+    no two objects that differ.
     """
     dist = distribution
     for _ in range(MAX_REDRAWS):
         bg = background or _choice(rng, BACKGROUNDS, dist.background_weights)
         if objects is not None:
-            chosen = [tuple(o) for o in objects]
+            chosen: list[tuple[str, str, str]] = [(o[0], o[1], o[2]) for o in objects]
         else:
             count = 2 if rng.random() < dist.two_object_prob else 1
             chosen = []
-            while len(chosen) < count:
+            for _ in range(MAX_REDRAWS):
                 triple = (
                     _choice(rng, SHAPES, dist.shape_weights),
                     _choice(rng, COLOURS, dist.colour_weights),
@@ -614,11 +615,15 @@ def sample_scene(
                 )
                 if all(triple[:2] != other[:2] for other in chosen):
                     chosen.append(triple)
+                if len(chosen) == count:
+                    break
+            else:
+                raise RuntimeError("the distribution cannot draw two objects that differ")
         pair = len(chosen) == 2
         scene = Scene(
             background=bg,
             objects=tuple(
-                _vary_object(rng, dist, triple, slot, pair)  # type: ignore[arg-type]
+                _vary_object(rng, dist, triple, slot, pair)
                 for slot, triple in enumerate(chosen)
             ),
             texture_seed=int(rng.integers(2**31)),

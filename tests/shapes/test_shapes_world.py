@@ -319,6 +319,13 @@ def test_distribution_controls_the_sample() -> None:
         assert not (scene.background == "ocean" and scene.objects[0].colour == "red")
     with pytest.raises(RuntimeError):
         sample_scene(rng, SceneDistribution(exclude=lambda s: True))
+    one_kind = SceneDistribution(
+        two_object_prob=1.0,
+        shape_weights=(1.0, 0.0, 0.0),
+        colour_weights=(1.0,) + (0.0,) * (len(COLOURS) - 1),
+    )
+    with pytest.raises(RuntimeError, match="differ"):
+        sample_scene(rng, one_kind)
 
 
 def test_sample_covers_every_label_and_pairs_differ() -> None:
