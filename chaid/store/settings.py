@@ -38,7 +38,7 @@ class StoreSettings:
     )
     # Lowest cosine at which two entities count as the same; calibrated on VBench entities
     # (docs/store.md): lower finds more hits, some of them for unrelated things.
-    entity_threshold: float = 0.70
+    entity_threshold: float = 0.72
     # Whole-prompt (NIRVANA-style) matching: lowest prompt cosine that counts as a hit. Only
     # the benchmark's comparison uses it; the daemon matches entities.
     prompt_threshold: float = 0.80
