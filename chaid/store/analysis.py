@@ -37,7 +37,8 @@ class PromptAnalysis:
     prompt: str
     entities: tuple[str, ...]
     entity_vectors: np.ndarray  # (E, D), one row per entity
-    prompt_vector: np.ndarray  # (D,)
+    # (D,); None when not computed (an entity lookup needs it only to break a tie)
+    prompt_vector: np.ndarray | None
 
     def __post_init__(self) -> None:
         if self.entity_vectors.shape[0] != len(self.entities):
@@ -119,12 +120,18 @@ class Embedder:
         self._memo_size = memo_size
         self._memo_lock = threading.Lock()
 
-    def embed(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
-        """(len(texts), dim) float32 unit vectors; texts already in the memo are not re-run."""
+    def embed(self, texts: Sequence[str], batch_size: int = 128,
+              memo_count: int | None = None) -> np.ndarray:
+        """(len(texts), dim) float32 unit vectors; texts already in the memo are not re-run.
+
+        Only the first ``memo_count`` texts (default: all) use the memo: whole prompts are
+        rarely seen twice and would only push entities out of it.
+        """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        todo: list[int] = []
+        todo: list[int] = list(range(len(texts)))[memo_count:] if memo_count is not None else []
+        memo_count = len(texts) if memo_count is None else memo_count
         with self._memo_lock:
-            for i, text in enumerate(texts):
+            for i, text in enumerate(texts[:memo_count]):
                 vec = self._memo.get(text)
                 if vec is None:
                     todo.append(i)
@@ -136,7 +143,8 @@ class Embedder:
             out[todo] = fresh
             with self._memo_lock:
                 for i, vec in zip(todo, fresh, strict=True):
-                    self._memo[texts[i]] = vec
+                    if i < memo_count:
+                        self._memo[texts[i]] = vec
                 while len(self._memo) > self._memo_size:
                     self._memo.popitem(last=False)
         return out
@@ -184,10 +192,16 @@ class Analyzer:
             Embedder(settings.embedder_path, settings.embedding_cache_size),
         )
 
-    def analyse(self, prompt: str) -> PromptAnalysis:
+    def analyse(self, prompt: str, with_prompt_vector: bool = True) -> PromptAnalysis:
+        """Entities and vectors of one prompt (one batched embedding call)."""
         entities = self.extractor(prompt)
-        vectors = self.embedder.embed([*entities, prompt])
+        if not with_prompt_vector:
+            return PromptAnalysis(prompt, entities, self.embedder.embed(entities), None)
+        vectors = self.embedder.embed([*entities, prompt], memo_count=len(entities))
         return PromptAnalysis(prompt, entities, vectors[:-1], vectors[-1])
+
+    def prompt_vector(self, prompt: str) -> np.ndarray:
+        return self.embedder.embed_uncached([prompt])[0]
 
     def analyse_many(self, prompts: Sequence[str], batch_size: int = 128) -> list[PromptAnalysis]:
         """Analyses of many prompts with one batched parse and one batched embedding."""

@@ -359,7 +359,8 @@ class LatentCache:
         work the hit saves, for LCBFU (default: the match score).
         """
         t0 = time.perf_counter()
-        analysis = self._analysis(prompt)
+        # Entity matching needs the prompt's own vector only to break a tie: computed then.
+        analysis = self._analysis(prompt, with_prompt_vector=matching != "entity")
         t1 = time.perf_counter()
         namespace = (fingerprint, tuple(int(n) for n in latent_shape))
         if matching == "entity":
@@ -391,7 +392,7 @@ class LatentCache:
         result.candidates = len(candidates)
         while candidates:
             winner, prompt_cos = pick_winner(
-                candidates, lambda ids: self._prompt_cosines(ids, analysis.prompt_vector))
+                candidates, lambda ids: self._prompt_cosines(ids, analysis))
             with self.db.read() as txn:
                 record = self.db.get_record(txn, winner.entry_id)
             if record is None:  # evicted since the search: try the next best
@@ -451,7 +452,13 @@ class LatentCache:
                 self._prompt_matrix = (ids, matrix)
             return self._prompt_matrix
 
-    def _prompt_cosines(self, entry_ids: list[int], vector: np.ndarray) -> dict[int, float]:
+    def _prompt_cosines(self, entry_ids: list[int], analysis: PromptAnalysis
+                        ) -> dict[int, float]:
+        vector = analysis.prompt_vector
+        if vector is None:
+            if self.analyzer is None:
+                return {}
+            vector = self.analyzer.prompt_vector(analysis.prompt)
         out = {}
         with self.db.read() as txn:
             for entry_id in entry_ids:
@@ -509,12 +516,18 @@ class LatentCache:
             "lmdb": self.db.stat(),
         }
 
-    def _analysis(self, prompt: str | PromptAnalysis) -> PromptAnalysis:
+    def _analysis(self, prompt: str | PromptAnalysis,
+                  with_prompt_vector: bool = True) -> PromptAnalysis:
         if isinstance(prompt, PromptAnalysis):
+            if with_prompt_vector and prompt.prompt_vector is None:
+                if self.analyzer is None:
+                    raise StoreError("this analysis lacks its prompt vector")
+                return PromptAnalysis(prompt.prompt, prompt.entities, prompt.entity_vectors,
+                                      self.analyzer.prompt_vector(prompt.prompt))
             return prompt
         if self.analyzer is None:
             raise StoreError("this cache has no analyzer: pass a PromptAnalysis")
-        return self.analyzer.analyse(prompt)
+        return self.analyzer.analyse(prompt, with_prompt_vector)
 
     # -- index maintenance ------------------------------------------------------------------
 

@@ -89,6 +89,7 @@ class EntityIndex:
         self._built = _Built.empty()
         self._delta = self._empty_delta()
         self._tombstones: frozenset[int] = frozenset()
+        self._buffers: tuple[np.ndarray, ...] | None = None  # the delta's growable storage
         self._lock = threading.Lock()
 
     # -- queries ----------------------------------------------------------------------------
@@ -149,17 +150,32 @@ class EntityIndex:
     # -- updates after a commit -------------------------------------------------------------
 
     def add(self, item_ids: list[int], entry_id: int, vectors: np.ndarray) -> None:
-        """Append one committed entry's entity vectors to the delta."""
-        if not item_ids:
+        """Append one committed entry's entity vectors to the delta.
+
+        The delta's buffers grow by doubling; rows are written past the published length,
+        which searches never read, then the longer views are published (no copy per add).
+        """
+        n = len(item_ids)
+        if not n:
             return
         with self._lock:
             d = self._delta
-            self._delta = _Delta(
-                np.concatenate([d.vectors, np.asarray(vectors, np.float32)]),
-                np.concatenate([d.item_ids, np.asarray(item_ids, np.uint64)]),
-                np.concatenate([d.entry_ids, np.full(len(item_ids), entry_id, np.uint64)]),
-                np.concatenate([d.entity_pos, np.arange(len(item_ids), dtype=np.uint16)]),
-            )
+            count = len(d.item_ids)
+            buf = self._buffers
+            if buf is None or count + n > len(buf[1]):
+                cap = max(64, 2 * (count + n))
+                buf = (np.zeros((cap, self.dim), np.float32), np.zeros(cap, np.uint64),
+                       np.zeros(cap, np.uint64), np.zeros(cap, np.uint16))
+                for dst, src in zip(buf, (d.vectors, d.item_ids, d.entry_ids, d.entity_pos),
+                                    strict=True):
+                    dst[:count] = src
+                self._buffers = buf
+            end = count + n
+            buf[0][count:end] = vectors
+            buf[1][count:end] = item_ids
+            buf[2][count:end] = entry_id
+            buf[3][count:end] = np.arange(n, dtype=np.uint16)
+            self._delta = _Delta(buf[0][:end], buf[1][:end], buf[2][:end], buf[3][:end])
 
     def remove_entries(self, entry_ids: Iterable[int]) -> None:
         """Forget evicted entries: drop their delta rows, tombstone their built items."""
@@ -169,6 +185,7 @@ class EntityIndex:
         with self._lock:
             d = self._delta
             keep = ~np.isin(d.entry_ids, np.fromiter(gone, np.uint64))
+            self._buffers = None  # readers may hold views of the old buffers
             self._delta = _Delta(d.vectors[keep], d.item_ids[keep], d.entry_ids[keep],
                                  d.entity_pos[keep])
             self._tombstones = self._tombstones | gone
@@ -291,6 +308,7 @@ class EntityIndex:
                        int(manifest["next_item"]))
         with self._lock:
             self._built = built
+            self._buffers = None  # readers may hold views of the old buffers
             self._delta = self._empty_delta()
             self._tombstones = frozenset()
         self._remove_stale_files(keep=generation)
@@ -308,6 +326,7 @@ class EntityIndex:
             present = np.fromiter(live.keys(), np.uint64, len(live))
             gone = ~np.isin(built.item_ids, present)
             self._tombstones = frozenset(int(e) for e in built.entry_ids[gone])
+            self._buffers = None  # readers may hold views of the old buffers
             rows = list(delta_rows)
             if rows:
                 self._delta = _Delta(
@@ -326,6 +345,7 @@ class EntityIndex:
         with self._lock:
             d = self._delta
             keep = d.item_ids >= np.uint64(built.next_item)
+            self._buffers = None  # readers may hold views of the old buffers
             self._delta = _Delta(d.vectors[keep], d.item_ids[keep], d.entry_ids[keep],
                                  d.entity_pos[keep])
             in_built = set(int(e) for e in np.unique(built.entry_ids))
