@@ -18,6 +18,7 @@ from pathlib import Path
 from chaid import __version__
 from chaid.config import load_settings
 from chaid.errors import ChaidError
+from chaid.store.cli import register_bench, register_cache
 
 log = logging.getLogger("chaid")
 
@@ -144,7 +145,11 @@ class ProgressBar:
 
 
 # Each entry adds one sub-command; modules that grow commands add their register here.
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_register_generate]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_generate,
+    register_cache,
+    register_bench,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

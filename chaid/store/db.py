@@ -21,7 +21,6 @@ import errno
 import fcntl
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -137,7 +136,7 @@ class LatentDB:
                 raise StoreError(f"no store at {self.data_dir}")
         else:
             path.mkdir(parents=True, exist_ok=True)
-            self._lock_file = _take_writer_lock(self.data_dir / WRITER_LOCK_NAME)
+            self._lock_file = take_writer_lock(self.data_dir / WRITER_LOCK_NAME)
         try:
             self.env = lmdb.open(
                 str(path),
@@ -324,7 +323,7 @@ class LatentDB:
             self._lock_file = None
 
 
-def _take_writer_lock(path: Path):
+def take_writer_lock(path: Path):
     handle = open(path, "a+")  # noqa: SIM115 -- held open for the store's lifetime
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -345,10 +344,3 @@ def _is_disk_full(exc: lmdb.Error) -> bool:
 
 def dir_has_store(data_dir: Path) -> bool:
     return (Path(data_dir) / LMDB_DIRNAME / "data.mdb").exists()
-
-
-def remove_store_files(data_dir: Path) -> None:
-    """Delete the LMDB files of a store (used by tests and by compaction's swap)."""
-    for name in ("data.mdb", "lock.mdb"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(Path(data_dir) / LMDB_DIRNAME / name)

@@ -121,31 +121,9 @@ class EntityIndex:
         found.sort(key=lambda n: -n.cosine)
         return found[:k]
 
-    def exact_search(self, vector: np.ndarray, k: int) -> list[Neighbor]:
-        """Brute force over the built items' own vectors (for recall measurement and checks)."""
-        with self._lock:
-            built, dead = self._built, self._tombstones
-        if built.annoy is None:
-            return []
-        matrix = self.built_vectors()
-        cos = matrix @ vector
-        order = np.argsort(-cos)
-        out = []
-        for pos in order:
-            entry_id = int(built.entry_ids[pos])
-            if entry_id not in dead:
-                out.append(Neighbor(entry_id, int(built.entity_pos[pos]), float(cos[pos])))
-                if len(out) == k:
-                    break
-        return out
-
-    def built_vectors(self) -> np.ndarray:
-        built = self._built
-        if built.annoy is None:
-            return np.zeros((0, self.dim), np.float32)
-        return np.array(
-            [built.annoy.get_item_vector(i) for i in range(len(built.item_ids))], np.float32
-        )
+    def built_vector(self, pos: int) -> np.ndarray:
+        """The vector at Annoy position ``pos`` of the built index (for checks and recall)."""
+        return np.asarray(self._built.annoy.get_item_vector(pos), np.float32)
 
     # -- updates after a commit -------------------------------------------------------------
 
