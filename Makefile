@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_PROMPT ?= a red circle moving to the left across a grassy field
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Cache Attention on a GPU: installs the CuPy wheel matching torch's CUDA, runs the kernel
+# tests and the micro-benchmark (CuPy kernel vs torch SDPA, max error and time ratio).
+gpu-check: setup
+	$(PIP) install --quiet -e ".[$$($(PY) -c "import torch; print('gpu-cuda13' if (torch.version.cuda or '').startswith('13') else 'gpu')")]"
+	$(PY) -m pytest -q -rs -m gpu tests/kernels
+	$(PY) -m chaid.kernels.bench
 
 lint: setup
 	$(VENV)/bin/ruff check chaid tests

@@ -44,9 +44,28 @@ class SamplerSettings:
 
 
 @dataclass(frozen=True)
+class ChaiSettings:
+    # Steps of a cache miss (full mode); its latents at cache_steps are what a hit reuses.
+    full_steps: int = 30
+    # Steps of a cache hit (fast mode): fewer is faster and, past a point, visibly worse.
+    fast_steps: int = 8
+    # 1-based denoising steps whose first block attends to the cached latent of the same step.
+    cache_steps: tuple[int, ...] = (2, 3, 4)
+    # Spatial blocks that run Cache Attention; more blocks pull harder toward the cached video.
+    cache_blocks: tuple[int, ...] = (0,)
+    # "both": both guidance branches attend to the cache; "cond": only the prompt branch.
+    branches: str = "both"
+    # "cache": keys/values from the cached latent only; "cache+current": both token sets.
+    kv_source: str = "cache"
+    # "auto" uses the CuPy kernel on a GPU when available; "reference" or "cupy" force one.
+    kernel: str = "auto"
+
+
+@dataclass(frozen=True)
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    chai: ChaiSettings = field(default_factory=ChaiSettings)
 
     def validate(self) -> Settings:
         """Return self if every value is in range, else raise ConfigError."""
@@ -66,6 +85,31 @@ class Settings:
             raise ConfigError(
                 f"sampler.cfg_scale must be in 0..{MAX_CFG_SCALE}, not {self.sampler.cfg_scale}"
             )
+        chai = self.chai
+        for name in ("full_steps", "fast_steps"):
+            if not 1 <= getattr(chai, name) <= MAX_STEPS:
+                raise ConfigError(
+                    f"chai.{name} must be in 1..{MAX_STEPS}, not {getattr(chai, name)}"
+                )
+        if any(not 1 <= k <= chai.fast_steps for k in chai.cache_steps):
+            raise ConfigError(
+                f"chai.cache_steps must lie in 1..fast_steps, not {list(chai.cache_steps)}"
+            )
+        if any(k > chai.full_steps for k in chai.cache_steps):
+            raise ConfigError("chai.cache_steps must not exceed chai.full_steps")
+        if any(b < 0 for b in chai.cache_blocks) or not chai.cache_blocks:
+            raise ConfigError(
+                f"chai.cache_blocks must be block indices >= 0, not {list(chai.cache_blocks)}"
+            )
+        for name, allowed in (
+            ("branches", ("both", "cond")),
+            ("kv_source", ("cache", "cache+current")),
+            ("kernel", ("auto", "reference", "cupy")),
+        ):
+            if getattr(chai, name) not in allowed:
+                raise ConfigError(
+                    f"chai.{name} must be one of {', '.join(allowed)}, not {getattr(chai, name)!r}"
+                )
         return self
 
 
@@ -113,7 +157,11 @@ def load_settings(
     return Settings(**sections).validate()
 
 
-_SECTION_TYPES: dict[str, type] = {"model": ModelSettings, "sampler": SamplerSettings}
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelSettings,
+    "sampler": SamplerSettings,
+    "chai": ChaiSettings,
+}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -148,6 +196,15 @@ def _merge(layers: dict[str, dict[str, Any]], data: Mapping[str, Any], source: s
 def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     """Convert a TOML or environment value to the field's declared type."""
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{name} from {source} must be a list, not {value!r}")
+        return tuple(
+            _coerce(item.strip() if isinstance(item, str) else item, args[0], name, source)
+            for item in items
+            if not (isinstance(item, str) and not item.strip())
+        )
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             if type(None) in args:

@@ -7,14 +7,17 @@ the call, so one pipeline can serve requests one after another from any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from chaid.config import Settings
+from chaid.config import ChaiSettings, Settings
+from chaid.engine.cache_attention import CacheAttention
 from chaid.engine.sampler import Guidance, StepHook, sample, schedule, transform_ratio
 from chaid.errors import InputError
 from chaid.models import ModelParts, build_parts
@@ -46,6 +49,11 @@ class GenerationRequest:
     # None: no guidance (conditional branch only, half the compute).
     cfg_scale: float | None = 7.0
     seed: int = 0
+    # Fast mode: step k → cached z_k of an earlier full run; Cache Attention runs at the
+    # pipeline's cache_steps with these. None: plain self-attention everywhere.
+    cache_latents: Mapping[int, torch.Tensor] | None = field(default=None, repr=False)
+    # 1-based steps whose input latent z_k is returned in the result (full mode: 2, 3, 4).
+    capture_steps: tuple[int, ...] = ()
 
 
 @dataclass
@@ -66,6 +74,10 @@ class GenerationResult:
     steps: int
     fps: int
     timings: Timings
+    # "fast" (Cache Attention used), "full" (latents captured for the cache) or "plain".
+    mode: str = "plain"
+    # step k → z_k (C, T, h, w) fp32 on the CPU, for the request's capture_steps.
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,9 +98,12 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
 
 
 class Pipeline:
-    def __init__(self, parts: ModelParts, device: torch.device) -> None:
+    def __init__(
+        self, parts: ModelParts, device: torch.device, chai: ChaiSettings | None = None
+    ) -> None:
         self.parts = parts
         self.device = device
+        self.chai = chai or ChaiSettings()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
@@ -99,7 +114,7 @@ class Pipeline:
             device=device,
             dtype=DTYPES[settings.model.dtype],
         )
-        return cls(parts, device)
+        return cls(parts, device, settings.chai)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Fill defaults from the preset and validate every field; InputError if invalid."""
@@ -134,7 +149,36 @@ class Pipeline:
             if not 0.0 <= scale <= MAX_CFG_SCALE:
                 raise InputError(f"cfg_scale must be in 0..{MAX_CFG_SCALE}, not {scale}")
             scale = float(scale)
-        return GenerationRequest(request.prompt, frames, height, width, fps, steps, scale, seed)
+        capture = tuple(sorted(set(request.capture_steps)))
+        if any(
+            isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= steps for k in capture
+        ):
+            raise InputError(
+                f"capture_steps must be steps in 1..{steps}, not {list(request.capture_steps)}"
+            )
+        return dataclasses.replace(
+            request,
+            frames=frames,
+            height=height,
+            width=width,
+            fps=fps,
+            steps=steps,
+            cfg_scale=scale,
+            seed=seed,
+            capture_steps=capture,
+        )
+
+    def full(self, prompt: str, **fields) -> GenerationResult:
+        """A cache miss: full_steps steps, capturing the latents a later hit reuses."""
+        req = GenerationRequest(
+            prompt, steps=self.chai.full_steps, capture_steps=self.chai.cache_steps, **fields
+        )
+        return self.generate(req)
+
+    def fast(self, prompt: str, cached: Mapping[int, torch.Tensor], **fields) -> GenerationResult:
+        """A cache hit: fast_steps steps with Cache Attention on the cached latents."""
+        req = GenerationRequest(prompt, steps=self.chai.fast_steps, cache_latents=cached, **fields)
+        return self.generate(req)
 
     def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
         """z_1 for a resolved request: drawn on the CPU from the seed, so every device
@@ -151,10 +195,35 @@ class Pipeline:
 
         ``on_step(k, t_k, z_k)`` is called before each denoising step; whatever it raises
         stops the run and propagates (nothing is kept). Raises InputError for an invalid
-        request before any model work.
+        request (including cached latents of the wrong shape) before any model work.
         """
         req = self.resolve(request)
         parts = self.parts
+        latent_shape = parts.vae.latent_shape(req.frames, req.height, req.width)
+        cache = None
+        if req.cache_latents is not None:
+            cache = CacheAttention(
+                parts.dit,
+                req.cache_latents,
+                self.chai,
+                req.height,
+                req.width,
+                req.cfg_scale is not None,
+            )
+            cache.check(latent_shape)
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook(step: int, t: float, z: torch.Tensor) -> None:
+            if step in req.capture_steps:
+                captured[step] = z[0].float().cpu().clone()
+            if on_step is not None:
+                on_step(step, t, z)
+
+        def velocity(z: torch.Tensor, t: float, step: int) -> torch.Tensor:
+            branches = 1 if req.cfg_scale is None else 2
+            plan = cache.plan(step, branches * z.shape[0], z.device) if cache else None
+            return guidance.velocity(z, t, plan)
+
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t_start = time.perf_counter()
         # 1. text
@@ -167,7 +236,7 @@ class Pipeline:
         timesteps = schedule(req.steps, ratio)
         # 3. denoise
         guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, req.height, req.width)
-        z = sample(lambda z, t, step: guidance.velocity(z, t), noise, timesteps, on_step)
+        z = sample(velocity, noise, timesteps, hook)
         sync()
         t_denoised = time.perf_counter()
         # 4. decode
@@ -182,4 +251,7 @@ class Pipeline:
             total_ms=(t_end - t_start) * 1000,
         )
         log.debug("generated %r in %.0f ms (%d steps)", req.prompt, timings.total_ms, req.steps)
-        return GenerationResult(video_np, z[0].float().cpu(), req.steps, req.fps, timings)
+        mode = "fast" if cache else ("full" if req.capture_steps else "plain")
+        return GenerationResult(
+            video_np, z[0].float().cpu(), req.steps, req.fps, timings, mode, captured
+        )
