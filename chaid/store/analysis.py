@@ -149,6 +149,11 @@ class Embedder:
                     self._memo.popitem(last=False)
         return out
 
+    def memoised(self, texts: Sequence[str]) -> bool:
+        """Whether every text's vector is in the memo (embedding them skips the model)."""
+        with self._memo_lock:
+            return all(t in self._memo for t in texts)
+
     def embed_uncached(self, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
         """Like :meth:`embed`, without the memo (for measuring and for one-off batches)."""
         return self._encode(list(texts), batch_size)
@@ -195,8 +200,9 @@ class Analyzer:
     def analyse(self, prompt: str, with_prompt_vector: bool = True) -> PromptAnalysis:
         """Entities and vectors of one prompt (one batched embedding call)."""
         entities = self.extractor(prompt)
-        if not with_prompt_vector:
+        if not with_prompt_vector and self.embedder.memoised(entities):
             return PromptAnalysis(prompt, entities, self.embedder.embed(entities), None)
+        # The model runs anyway: the prompt rides in the same batch for almost nothing.
         vectors = self.embedder.embed([*entities, prompt], memo_count=len(entities))
         return PromptAnalysis(prompt, entities, vectors[:-1], vectors[-1])
 

@@ -38,7 +38,7 @@ from chaid.store import db as dbm
 from chaid.store.analysis import Analyzer, PromptAnalysis
 from chaid.store.db import EntryRecord, LatentDB
 from chaid.store.errors import EntryNotFoundError, StoreError
-from chaid.store.index import EntityIndex, IndexCorrupt, Neighbor
+from chaid.store.index import MANIFEST_NAME, EntityIndex, IndexCorrupt, Neighbor
 from chaid.store.matching import EntityMatch, LookupResult, collect_candidates, pick_winner
 from chaid.store.policy import EntryStats, PolicyEngine
 from chaid.store.settings import StoreSettings
@@ -162,7 +162,8 @@ class LatentCache:
         try:
             self.index.load()
         except IndexCorrupt as exc:
-            log.warning("entity index unusable (%s); rebuilding from LMDB", exc)
+            if (self.data_dir / MANIFEST_NAME).exists() or len(self.policy):
+                log.warning("entity index unusable (%s); rebuilding from LMDB", exc)
             self.rebuild_index()
             return
         built = set(int(i) for i in self.index.built_item_ids())
