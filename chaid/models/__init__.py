@@ -47,6 +47,9 @@ class ModelSpec:
     height: int
     width: int
     fps: int
+    # Trained DiT weights shipped with chaid, used when no weights are given; None: the
+    # preset ships none and starts from a seeded initialisation.
+    dit_weights: Path | None = None
 
 
 def _hash_encoder(cfg: STDiT3Config) -> TextEncoder:
@@ -186,12 +189,20 @@ def build_parts(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    init: bool = False,
 ) -> ModelParts:
-    """Build the DiT, text encoder and VAE of a preset; checks that they fit together."""
+    """Build the DiT, text encoder and VAE of a preset; checks that they fit together.
+
+    The DiT's weights are ``weights`` if given, else the preset's shipped weights if it has
+    them and they are present, else a seeded initialisation; ``init=True`` forces the
+    initialisation (the start of a training run).
+    """
     spec = get_spec(name)
     text_encoder = spec.text_encoder(spec.dit)
     vae = spec.vae()
-    dit = build_model(name, weights, device=device, dtype=dtype)
+    if weights is None and not init and spec.dit_weights is not None and spec.dit_weights.is_file():
+        weights = spec.dit_weights
+    dit = build_model(name, None if init else weights, device=device, dtype=dtype)
     cfg = dit.cfg
     if (text_encoder.dim, text_encoder.max_length) != (cfg.caption_channels, cfg.model_max_length):
         raise ChaidError(
