@@ -91,7 +91,7 @@ class LatentCache:
         self,
         settings: StoreSettings,
         *,
-        embedder: tuple[str, int],
+        embedder: tuple[str, int] | None,
         analyzer: Analyzer | None = None,
         clock: Callable[[], float] = time.time,
         background_rebuild: bool = True,
@@ -101,7 +101,6 @@ class LatentCache:
         self.clock = clock
         self.background_rebuild = background_rebuild
         self.data_dir = Path(settings.data_dir)
-        self.dim = embedder[1]
         self.db = LatentDB(
             self.data_dir,
             map_bytes=settings.map_bytes,
@@ -109,6 +108,8 @@ class LatentCache:
             durable=settings.durable,
             embedder=embedder,
         )
+        # None: an existing store's own embedder (offline tools, which never embed).
+        self.dim = embedder[1] if embedder else self.db.read_meta()["dim"]
         self.policy = PolicyEngine(settings.policy, settings.budget_bytes)
         self.index = EntityIndex(self.data_dir, self.dim, settings.index_trees, settings.search_k)
         self._write_lock = threading.Lock()  # plan + write + apply of one write, atomically
@@ -137,12 +138,9 @@ class LatentCache:
     def open_existing(cls, settings: StoreSettings, **kwargs: Any) -> LatentCache:
         """Open an existing store read-write without loading any model (for offline tools
         that evict, check or compact: they never embed)."""
-        reader = LatentDB(Path(settings.data_dir), readonly=True)
-        try:
-            meta = reader.read_meta()
-        finally:
-            reader.close()
-        return cls(settings, embedder=(meta["embedder"], meta["dim"]), **kwargs)
+        if not dbm.dir_has_store(Path(settings.data_dir)):
+            raise StoreError(f"no store at {settings.data_dir}")
+        return cls(settings, embedder=None, **kwargs)
 
     # -- opening ----------------------------------------------------------------------------
 
