@@ -273,3 +273,35 @@ def run_cache_bench(
     finally:
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def plot_hit_rates(report: dict, path: Path) -> None:
+    """Hit rate against budget, one line per matcher and policy, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from chaid.store.errors import StoreError
+
+        raise StoreError("--plot needs matplotlib (pip install matplotlib)") from exc
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for row in report["results"]:
+        key = (row["matching"], row["policy"])
+        lines.setdefault(key, []).append((row["budget_bytes"] / 1e6, row["hit_rate"]))
+    for (matching, policy), points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", linestyle="-" if matching == "entity" else "--",
+                label=f"{matching} / {policy}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cache budget (MB)")
+    ax.set_ylabel("hit rate")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{report['prompts']} prompts, {report['payload_bytes'] / 1e6:.1f} MB per entry")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

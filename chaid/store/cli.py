@@ -174,6 +174,8 @@ def _register_bench_cache(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-queries", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, help="where the stores go (default: a temp dir)")
+    p.add_argument("--plot", type=Path, help="also draw hit rate vs budget as a PNG "
+                   "(needs matplotlib)")
     p.set_defaults(func=_cmd_bench_cache)
 
 
@@ -196,6 +198,10 @@ def _cmd_bench_cache(args: argparse.Namespace) -> int:
     )
     report["command"] = "chaid " + " ".join(sys.argv[1:])
     args.json_out.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        from chaid.store.bench import plot_hit_rates
+
+        plot_hit_rates(report, args.plot)
     for row in report["results"]:
         print(f"{row['matching']:>6} {row['policy']:>5} {row['budget_entries']:>5} entries "
               f"({row['budget_bytes']} B): hit rate {row['hit_rate']:.3f}")
