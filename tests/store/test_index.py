@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
 from storekit import TOY_EMBEDDER, toy_analysis, toy_latents, toy_settings
 
 from chaid.store.cache import LatentCache
+from chaid.store.errors import EntryNotFoundError
 from chaid.store.index import MANIFEST_NAME, EntityIndex
 
 SHAPE = (4, 3, 8, 8)
@@ -112,3 +114,41 @@ def test_recall_on_real_entities(analyzer, vbench_prompts, tmp_path):
     found = [index.search(q, 1)[0].cosine >= best - 1e-5 for q, best in zip(queries, exact,
                                                                              strict=True)]
     assert np.mean(found) >= 0.99
+
+
+def test_concurrent_lookups_during_inserts_and_rebuilds(tmp_path):
+    settings = toy_settings(tmp_path, rebuild_every=6, budget_bytes=40 * 1700)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with LatentCache(settings, embedder=TOY_EMBEDDER) as cache:
+
+        def reader(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                while not stop.is_set():
+                    i = int(rng.integers(0, 120))
+                    res = cache.lookup(toy_analysis(f"p{i}"), "fp", SHAPE)
+                    if res.hit:
+                        try:
+                            got = cache.get_latents(res.entry_id)
+                        except EntryNotFoundError:  # evicted since the lookup: allowed
+                            continue
+                        want = toy_latents(res.cached_prompt)
+                        assert got[2].tobytes() == want[2].astype(np.float16).tobytes()
+            except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(120):
+                cache.insert(toy_analysis(f"p{i}"), toy_latents(f"p{i}"), "fp")
+                assert cache.total_bytes <= settings.budget_bytes
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors
+        cache.wait_for_rebuild()
+        assert cache.check().ok
