@@ -18,6 +18,7 @@ from pathlib import Path
 from chaid import __version__
 from chaid.config import load_settings
 from chaid.errors import ChaidError
+from chaid.shapes.cli import register as register_shapes
 from chaid.store.cli import register_bench, register_cache
 
 log = logging.getLogger("chaid")
@@ -149,6 +150,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_generate,
     register_cache,
     register_bench,
+    register_shapes,
 ]
 
 

@@ -31,6 +31,10 @@ from chaid.errors import InputError
 SHAPES_VAE_WEIGHTS = Path(__file__).resolve().parents[1] / "shapes" / "weights" / "vae.safetensors"
 
 
+# Initial log-variance of the encoder's posterior.
+INITIAL_LOGVAR = -6.0
+
+
 @dataclass(frozen=True)
 class ShapesVAEConfig:
     # Latent channels: the DiT's in_channels.
@@ -88,11 +92,18 @@ class Encoder(nn.Module):
         self.block_low = ResBlock2d(lo, g)
         # Folds temporal_factor frames into one: kernel spans the pair and a frame either side.
         self.fold_time = nn.Conv3d(
-            lo, lo, (cfg.temporal_factor + 1, 3, 3), stride=(cfg.temporal_factor, 1, 1),
+            lo,
+            lo,
+            (cfg.temporal_factor + 1, 3, 3),
+            stride=(cfg.temporal_factor, 1, 1),
             padding=(1, 1, 1),
         )
         self.norm_out = nn.GroupNorm(g, lo)
         self.conv_out = nn.Conv3d(lo, 2 * cfg.latent_channels, 1)
+        # Start nearly deterministic (posterior std e^-3): with unit noise at the start the
+        # decoder sees mostly noise, and a short CPU training run never recovers the time.
+        with torch.no_grad():
+            self.conv_out.bias[cfg.latent_channels :].fill_(INITIAL_LOGVAR)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]

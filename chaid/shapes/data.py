@@ -16,6 +16,7 @@ from chaid.shapes.world import (
     LABEL_KEYS,
     SceneDistribution,
     labels,
+    render,
     render_with_masks,
     sample_scene,
 )
@@ -30,8 +31,8 @@ WIDTH = 64
 class Batch:
     # (B, 3, F, H, W) float32 in [-1, 1].
     video: torch.Tensor
-    # (B, 1, F, H, W) float32 in [0, 1]: where any object is visible.
-    objects: torch.Tensor
+    # (B, 1, F, H, W) float32 in [0, 1]: where any object is visible (None if not asked).
+    objects: torch.Tensor | None
     # LABEL_KEYS → (B,) int64 labels, as chaid.shapes.world.labels gives them.
     labels: dict[str, torch.Tensor]
 
@@ -54,19 +55,24 @@ def render_batch(
     height: int = HEIGHT,
     width: int = WIDTH,
     distribution: SceneDistribution = DEFAULT_DISTRIBUTION,
+    with_masks: bool = True,
 ) -> Batch:
-    """``size`` scenes drawn from the distribution by rng alone, rendered and labelled."""
+    """``size`` scenes drawn from the distribution by rng alone, rendered and labelled;
+    object coverage too if ``with_masks`` (it doubles the rendering time)."""
     videos, masks, targets = [], [], {key: [] for key in LABEL_KEYS}
     for _ in range(size):
         scene = sample_scene(rng, distribution)
-        video, mask = render_with_masks(scene, frames, height, width)
+        if with_masks:
+            video, mask = render_with_masks(scene, frames, height, width)
+            masks.append(torch.from_numpy(mask.max(axis=1))[None])  # (1, F, H, W)
+        else:
+            video = render(scene, frames, height, width)
         videos.append(to_tensor(video))
-        masks.append(torch.from_numpy(mask.max(axis=1))[None])  # (1, F, H, W)
         for key, value in labels(scene).items():
             targets[key].append(value)
     return Batch(
         video=torch.stack(videos),
-        objects=torch.stack(masks),
+        objects=torch.stack(masks) if with_masks else None,
         labels={key: torch.tensor(values, dtype=torch.int64) for key, values in targets.items()},
     )
 

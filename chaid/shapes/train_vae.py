@@ -35,10 +35,10 @@ EVAL_STREAM = 2_000_003
 
 @dataclass(frozen=True)
 class VAETrainConfig:
-    steps: int = 1500
+    steps: int = 1000
     # Clips per step: small batches and many steps suit a small autoencoder on a CPU.
     batch_size: int = 4
-    learning_rate: float = 1.5e-3
+    learning_rate: float = 2e-3
     # Linear warm-up, then cosine decay to min_lr_fraction of the peak.
     warmup_steps: int = 100
     min_lr_fraction: float = 0.05
@@ -162,7 +162,10 @@ def train_vae(
             mean_mse = float(np.mean(recent))
             log.info(
                 "step %d/%d  mse %.5f  psnr %.2f dB  %.0f s",
-                step + 1, cfg.steps, mean_mse, 10 * math.log10(4.0 / mean_mse),
+                step + 1,
+                cfg.steps,
+                mean_mse,
+                10 * math.log10(4.0 / mean_mse),
                 time.perf_counter() - start,
             )
             recent.clear()
@@ -185,3 +188,9 @@ def train_vae(
     report["weights"] = str(out)
     log.info("held-out PSNR %.2f dB; wrote %s", report["psnr_db"], out)
     return report
+
+
+def cli_train(out: Path | None, seed: int, steps: int | None) -> dict:
+    """``chaid shapes train vae``: the default run, optionally with other steps."""
+    cfg = VAETrainConfig() if steps is None else VAETrainConfig(steps=steps)
+    return train_vae(SHAPES_VAE_WEIGHTS if out is None else out, seed=seed, cfg=cfg)
