@@ -6,6 +6,8 @@ seeded generator: a training run sees fresh scenes every step and needs no datas
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,21 @@ from chaid.shapes.world import (
 FRAMES = 16
 HEIGHT = 64
 WIDTH = 64
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run numpy rendering and small tensor ops with one torch thread, then restore.
+
+    Between torch's parallel regions its OpenMP workers spin waiting for work; while numpy
+    renders in the main thread they take its CPU, and rendering runs several times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -60,16 +77,17 @@ def render_batch(
     """``size`` scenes drawn from the distribution by rng alone, rendered and labelled;
     object coverage too if ``with_masks`` (it doubles the rendering time)."""
     videos, masks, targets = [], [], {key: [] for key in LABEL_KEYS}
-    for _ in range(size):
-        scene = sample_scene(rng, distribution)
-        if with_masks:
-            video, mask = render_with_masks(scene, frames, height, width)
-            masks.append(torch.from_numpy(mask.max(axis=1))[None])  # (1, F, H, W)
-        else:
-            video = render(scene, frames, height, width)
-        videos.append(to_tensor(video))
-        for key, value in labels(scene).items():
-            targets[key].append(value)
+    with single_threaded():
+        for _ in range(size):
+            scene = sample_scene(rng, distribution)
+            if with_masks:
+                video, mask = render_with_masks(scene, frames, height, width)
+                masks.append(torch.from_numpy(mask.max(axis=1))[None])  # (1, F, H, W)
+            else:
+                video = render(scene, frames, height, width)
+            videos.append(to_tensor(video))
+            for key, value in labels(scene).items():
+                targets[key].append(value)
     return Batch(
         video=torch.stack(videos),
         objects=torch.stack(masks) if with_masks else None,

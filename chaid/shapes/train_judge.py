@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from chaid.models.weights import save_weights
-from chaid.shapes.data import Batch, render_batch
+from chaid.shapes.data import Batch, render_batch, single_threaded
 from chaid.shapes.judge import (
     JUDGE_WEIGHTS,
     OBJECT_HEADS,
@@ -78,17 +78,19 @@ def blur(video: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def degrade(video: torch.Tensor, gen: torch.Generator, cfg: JudgeTrainConfig) -> torch.Tensor:
     """Blur and/or noise judge inputs (B, 3, F, H, W) in [-1, 1], each clip by its own draw."""
-    out = []
-    for clip in video:
-        u = torch.rand(4, generator=gen).tolist()
-        if u[0] < cfg.blur_prob:
-            lo, hi = cfg.blur_sigma
-            clip = blur(clip, lo + (hi - lo) * u[1])
-        if u[2] < cfg.noise_prob:
-            lo, hi = cfg.noise_std
-            clip = clip + (lo + (hi - lo) * u[3]) * torch.randn(clip.shape, generator=gen)
-        out.append(clip.clamp(-1, 1))
-    return torch.stack(out)
+    with single_threaded():
+        return torch.stack([_degrade_clip(clip, gen, cfg) for clip in video])
+
+
+def _degrade_clip(clip: torch.Tensor, gen: torch.Generator, cfg: JudgeTrainConfig) -> torch.Tensor:
+    u = torch.rand(4, generator=gen).tolist()
+    if u[0] < cfg.blur_prob:
+        lo, hi = cfg.blur_sigma
+        clip = blur(clip, lo + (hi - lo) * u[1])
+    if u[2] < cfg.noise_prob:
+        lo, hi = cfg.noise_std
+        clip = clip + (lo + (hi - lo) * u[3]) * torch.randn(clip.shape, generator=gen)
+    return clip.clamp(-1, 1)
 
 
 def _object_loss(
