@@ -1,0 +1,134 @@
+"""The Shapes VAE: geometry, round trips, latent normalisation, training, the shipped weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chaid.errors import InputError
+from chaid.models.shapes_vae import (
+    SHAPES_VAE_WEIGHTS,
+    ShapesVAE,
+    ShapesVAEConfig,
+    load_shapes_vae,
+)
+from chaid.models.weights import save_weights
+from chaid.shapes.data import psnr, render_batch
+from chaid.shapes.train_vae import (
+    STATS_STREAM,
+    VAETrainConfig,
+    fit_latent_statistics,
+    train_vae,
+    vae_loss,
+)
+
+# A narrow copy of the architecture: the same code paths, a fraction of the compute.
+TINY = ShapesVAEConfig(width_high=16, width_low=16, groups=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread avoids OpenMP start-up and spinning on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae() -> ShapesVAE:
+    torch.manual_seed(0)
+    return ShapesVAE(TINY).eval()
+
+
+def test_latent_geometry_of_the_embedded_default(tiny_vae):
+    assert tiny_vae.latent_shape(16, 64, 64) == (4, 8, 8, 8)
+    assert tiny_vae.latent_shape(15, 32, 48) == (4, 8, 4, 6)
+    for frames, h, w in [(0, 64, 64), (16, 60, 64), (16, 64, 4)]:
+        with pytest.raises(InputError):
+            tiny_vae.latent_shape(frames, h, w)
+
+
+@pytest.mark.parametrize("frames", [16, 15, 1])
+def test_encode_decode_shapes_and_range(tiny_vae, frames):
+    video = torch.rand(2, 3, frames, 32, 32) * 2 - 1
+    z = tiny_vae.encode(video)
+    assert z.shape == (2, *tiny_vae.latent_shape(frames, 32, 32))
+    out = tiny_vae.decode(z, frames)
+    assert out.shape == video.shape
+    assert out.min() >= -1 and out.max() <= 1
+    with pytest.raises(InputError):
+        tiny_vae.decode(z, 2 * z.shape[2] + 1)
+
+
+def test_encode_is_deterministic_and_batch_independent(tiny_vae):
+    video = torch.rand(3, 3, 4, 16, 16) * 2 - 1
+    z = tiny_vae.encode(video)
+    assert torch.equal(z, tiny_vae.encode(video))
+    torch.testing.assert_close(tiny_vae.encode(video[1:2]), z[1:2], rtol=1e-4, atol=1e-5)
+
+
+def test_weights_round_trip_keeps_latent_statistics(tiny_vae, tmp_path):
+    vae = ShapesVAE(TINY)
+    vae.load_state_dict(tiny_vae.state_dict())
+    vae.latent_shift.fill_(0.5)
+    vae.latent_scale.fill_(2.0)
+    path = save_weights(vae, tmp_path / "vae.safetensors")
+    loaded = load_shapes_vae(path, TINY)
+    assert torch.equal(loaded.latent_scale, vae.latent_scale)
+    video = torch.rand(1, 3, 4, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded.encode(video), vae.eval().encode(video))
+
+
+def test_fitted_statistics_normalise_the_latent(tiny_vae):
+    vae = ShapesVAE(TINY).eval()
+    vae.load_state_dict(tiny_vae.state_dict())
+    fit_latent_statistics(vae, seed=3, clips=8, batch_size=8)
+    batch = render_batch(np.random.default_rng(3 + STATS_STREAM), 8)
+    z = vae.encode(batch.video).transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(z.mean(dim=1), torch.zeros(4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(z.std(dim=1), torch.ones(4), atol=1e-3, rtol=0)
+
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    vae = ShapesVAE(TINY).train()
+    cfg = VAETrainConfig()
+    batch = render_batch(np.random.default_rng(0), 1, frames=4, height=32, width=32)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, _ = vae_loss(vae, batch.video, batch.objects, cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_train_vae_end_to_end_writes_loadable_weights(tmp_path):
+    cfg = VAETrainConfig(
+        steps=2, batch_size=1, stats_clips=1, eval_clips=1, warmup_steps=1, threads=1
+    )
+    report = train_vae(tmp_path, seed=0, cfg=cfg, model_cfg=TINY)
+    assert report["steps"] == 2 and np.isfinite(report["psnr_db"])
+    vae = load_shapes_vae(tmp_path / "vae.safetensors", TINY)
+    assert vae.latent_scale.dtype == torch.float32
+
+
+@pytest.mark.skipif(not SHAPES_VAE_WEIGHTS.is_file(), reason="no shipped VAE weights")
+def test_shipped_vae_reconstructs_held_out_renders():
+    vae = load_shapes_vae()
+    batch = render_batch(np.random.default_rng(12345), 4, with_masks=False)
+    z = vae.encode(batch.video)
+    assert z.shape == (4, 4, 8, 8, 8)
+    recon = vae.decode(z, 16)
+    assert psnr(batch.video, recon) > MIN_SHIPPED_PSNR
+    # Normalised: about unit scale per channel, as the DiT's rectified flow assumes.
+    std = z.transpose(0, 1).reshape(4, -1).std(dim=1)
+    assert ((std > 0.5) & (std < 2.0)).all()
+
+
+# Floor for the shipped VAE's reconstruction PSNR (dB) on a handful of clips.
+MIN_SHIPPED_PSNR = 20.0
