@@ -192,6 +192,10 @@ class Analyzer:
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> Analyzer:
+        if settings.embedder_threads > 0:
+            import torch
+
+            torch.set_num_threads(settings.embedder_threads)
         return cls(
             EntityExtractor(settings.spacy_model, settings.generic_heads),
             Embedder(settings.embedder_path, settings.embedding_cache_size),

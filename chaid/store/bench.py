@@ -34,7 +34,7 @@ LATENT_STEPS = (2, 3, 4)
 # Budgets are counted in entries of this many bytes of vectors beside the payload.
 VECTOR_ALLOWANCE = 8 << 10
 # search_k values of the recall sweep.
-SEARCH_K_SWEEP = (250, 500, 1000, 2000, 4000, 8000)
+SEARCH_K_SWEEP = (500, 1000, 2000, 4000, 8000, 16000, 32000)
 # Payload of the latency stores: the lookup never reads latents, so size does not matter.
 LATENCY_PAYLOAD = 96
 

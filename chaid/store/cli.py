@@ -173,6 +173,8 @@ def _register_bench_cache(bench_sub: argparse._SubParsersAction) -> None:
                    help="store sizes of the latency runs (comma list; empty: none)")
     p.add_argument("--latency-queries", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the embedder (default 1; 0: torch's default)")
     p.add_argument("--work-dir", type=Path, help="where the stores go (default: a temp dir)")
     p.add_argument("--plot", type=Path, help="also draw hit rate vs budget as a PNG "
                    "(needs matplotlib)")
@@ -187,7 +189,7 @@ def _cmd_bench_cache(args: argparse.Namespace) -> int:
     from chaid.store.analysis import Analyzer
     from chaid.store.bench import load_prompts, run_cache_bench
 
-    settings = StoreSettings()
+    settings = StoreSettings(embedder_threads=args.threads)
     report = run_cache_bench(
         load_prompts(args.prompts), Analyzer.from_settings(settings),
         payload_bytes=args.payload_bytes, budget_entries=_ints(args.budgets),

@@ -60,6 +60,10 @@ class StoreSettings:
     # fsync every commit. False keeps the store consistent after a crash but may lose the
     # last commits on power loss; only benchmarks should turn it off.
     durable: bool = True
+    # torch intra-op threads, set when the analyzer loads; 0 leaves torch's setting alone.
+    # torch's setting is process-wide: 1 keeps a short embedding at ~10 ms on a busy 2-core
+    # machine, where 2 spinning threads took ~450 ms; a CPU-bound engine may want more.
+    embedder_threads: int = 0
     # Entity strings whose vectors are kept in memory; repeated entities skip the embedder.
     embedding_cache_size: int = 4096
 
