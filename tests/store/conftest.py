@@ -13,7 +13,8 @@ from chaid.store.settings import StoreSettings
 
 @pytest.fixture(scope="session")
 def analyzer() -> Analyzer:
-    return Analyzer.from_settings(StoreSettings())
+    # One torch thread: two spinning threads on a shared 2-core machine are ~40x slower.
+    return Analyzer.from_settings(StoreSettings(embedder_threads=1))
 
 
 @pytest.fixture(scope="session")
