@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "dit.safetensors"
+# Where `chaid shapes train dit` writes by default: the weights the tiny-shapes preset ships.
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -122,17 +124,33 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train_dit(
-    out_dir: str | Path, model: str = "tiny-shapes", cfg: DitTrainConfig | None = None
-) -> Path:
-    """Train (or resume training) the DiT of ``model``; returns the EMA weights file.
+@dataclass
+class DitTrainReport:
+    weights: Path
+    steps: int
+    seconds: float
+    # Mean training loss over the last 100 steps of this run.
+    final_loss: float
 
-    Writes ``checkpoint.pt`` (resumable state) and, at the end, ``dit.safetensors`` (EMA
-    weights, fp16) in ``out_dir``. The preset's text encoder and VAE are used frozen.
+
+def train_dit(
+    out_dir: str | Path,
+    model: str = "tiny-shapes",
+    cfg: DitTrainConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> DitTrainReport:
+    """Train (or resume training) the DiT of ``model``.
+
+    Writes ``checkpoint.pt`` (resumable state) in ``checkpoint_dir`` (default: out_dir)
+    and, at the end, ``dit.safetensors`` (EMA weights, fp16) in ``out_dir``. The preset's
+    text encoder and VAE are used frozen.
     """
     cfg = cfg or DitTrainConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     parts = build_parts(model, init=True)
@@ -140,7 +158,7 @@ def train_dit(
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = 0
-    ckpt_path = out / CHECKPOINT
+    ckpt_path = ckpt_dir / CHECKPOINT
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=True)
         if state["config"] != asdict(cfg):
@@ -206,10 +224,27 @@ def train_dit(
                 },
             )
     weights = save_weights(ema.half(), out / WEIGHTS, metadata={"model": model, "steps": str(step)})
-    log.info(
-        "wrote %s after %d steps; last losses %.4f",
-        weights,
-        step,
-        float(np.mean(losses[-100:] or [math.nan])),
-    )
-    return weights
+    final = float(np.mean(losses[-100:])) if losses else math.nan
+    log.info("wrote %s after %d steps; last losses %.4f", weights, step, final)
+    return DitTrainReport(weights, step, time.perf_counter() - began, final)
+
+
+def cli_train(out: Path | None, seed: int, steps: int | None) -> dict:
+    """`chaid shapes train dit`: train tiny-shapes; out None writes the shipped weights.
+
+    Resumable checkpoints go beside the weights when ``out`` is given, else to the user's
+    cache directory (never into the package).
+    """
+    cfg = DitTrainConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
+    ckpt = out / "checkpoint" if out is not None else cache / f"train-dit-seed{seed}"
+    report = train_dit(out or SHIPPED_DIR, "tiny-shapes", cfg, checkpoint_dir=ckpt)
+    return {
+        "target": "dit",
+        "weights": str(report.weights),
+        "checkpoint": str(ckpt / CHECKPOINT),
+        "steps": report.steps,
+        "seconds": round(report.seconds, 1),
+        "final_loss": round(report.final_loss, 5),
+        "config": asdict(cfg),
+    }

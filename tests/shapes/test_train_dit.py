@@ -48,7 +48,9 @@ def test_training_lowers_the_loss_and_resumes(tmp_path, caplog):
     half = DitTrainConfig(**{**CFG.__dict__, "steps": 20})
     train_dit(tmp_path, "tiny-test", half)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 20
-    weights = train_dit(tmp_path, "tiny-test", CFG)
+    report = train_dit(tmp_path, "tiny-test", CFG)
+    weights = report.weights
+    assert report.steps == 40 and report.final_loss > 0
     assert "resumed from" in caplog.text and "at step 20" in caplog.text
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 40
     build_model("tiny-test", weights=weights)  # strict load of the shipped format
