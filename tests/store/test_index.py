@@ -100,6 +100,7 @@ def test_background_rebuild_swaps_generations(tmp_path):
     assert len(names) == 2, names  # one generation on disk, no leftovers
 
 
+@pytest.mark.slow
 def test_recall_on_real_entities(analyzer, vbench_prompts, tmp_path):
     """Annoy at the configured trees/search_k finds the exact nearest entity (recall@1)."""
     entities = sorted({e for a in analyzer.analyse_many(vbench_prompts) for e in a.entities})
