@@ -43,8 +43,8 @@ class ShapesVAEConfig:
     # convolutions, smaller keeps finer edges in the network's hands.
     unshuffle: int = 4
     # Widths at 16×16 and at 8×8 (for 64×64 input): compute grows with their square.
-    width_high: int = 32
-    width_low: int = 64
+    width_high: int = 48
+    width_low: int = 96
     # Residual blocks per resolution in the decoder (the encoder has one): decoding is
     # where detail is invented, so that is where capacity pays.
     decoder_blocks: int = 2

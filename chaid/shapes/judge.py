@@ -46,7 +46,7 @@ SLOTS = 2
 @dataclass(frozen=True)
 class JudgeConfig:
     # Widths of the per-frame CNN at 32, 16 and 8 pixels.
-    widths: tuple[int, int, int] = (16, 32, 48)
+    widths: tuple[int, int, int] = (24, 48, 64)
     # Width of the per-frame vector that keeps where things are (flattened 8×8 map).
     track_width: int = 128
     # Width of the temporal features fed to the heads.
@@ -96,12 +96,12 @@ class ShapesJudge(nn.Module):
             nn.Linear(16 * side * side, cfg.track_width),
         )
         self.temporal = nn.Sequential(
-            nn.Conv1d(cfg.track_width + w3, cfg.hidden, 3, padding=1),
+            nn.Conv1d(cfg.track_width + 2 * w3, cfg.hidden, 3, padding=1),
             nn.SiLU(),
             nn.Conv1d(cfg.hidden, cfg.hidden, 3, padding=1),
             nn.SiLU(),
         )
-        features = 2 * cfg.hidden + w3
+        features = 2 * cfg.hidden + 2 * w3
         heads = {"background": len(BACKGROUNDS), "num_objects": len(OBJECT_COUNTS)}
         for slot in range(SLOTS):
             for attribute, names in OBJECT_HEADS.items():
@@ -112,12 +112,13 @@ class ShapesJudge(nn.Module):
         b, _, f, h, w = video.shape
         x = video.transpose(1, 2).reshape(b * f, 3, h, w)
         maps = self.frame_cnn(x)  # (B*F, w3, 8, 8)
-        pooled = maps.mean(dim=(2, 3))  # (B*F, w3)
-        track = torch.cat([self.track_in(maps), pooled], dim=1)  # (B*F, track + w3)
+        # Mean and max over space: the mean reads the background, the max a small object.
+        pooled = torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)  # (B*F, 2*w3)
+        track = torch.cat([self.track_in(maps), pooled], dim=1)  # (B*F, track + 2*w3)
         track = self.temporal(track.view(b, f, -1).transpose(1, 2))  # (B, hidden, F)
         features = torch.cat(
             [track.mean(dim=2), track.amax(dim=2), pooled.view(b, f, -1).mean(dim=1)], dim=1
-        )  # (B, 2*hidden + w3)
+        )  # (B, 2*hidden + 2*w3)
         return {k: head(features) for k, head in self.heads.items()}
 
 

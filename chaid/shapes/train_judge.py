@@ -55,7 +55,8 @@ class JudgeTrainConfig:
     noise_prob: float = 0.5
     noise_std: tuple[float, float] = (0.01, 0.12)
     log_every: int = 50
-    threads: int = 2
+    # CPU threads; one, for the reason given in chaid.shapes.train_vae.VAETrainConfig.
+    threads: int = 1
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
