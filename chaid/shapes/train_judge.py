@@ -19,15 +19,26 @@ import torch
 import torch.nn.functional as F
 
 from chaid.models.weights import save_weights
-from chaid.shapes.data import Batch, render_batch, single_threaded
+from chaid.shapes.data import (
+    FRAMES,
+    HEIGHT,
+    WIDTH,
+    Batch,
+    render_batch,
+    single_threaded,
+    to_tensor,
+    to_uint8,
+)
 from chaid.shapes.judge import (
     JUDGE_WEIGHTS,
     OBJECT_HEADS,
     ShapesJudge,
     _suffix,
     prepare,
+    score,
 )
-from chaid.shapes.world import NO_OBJECT
+from chaid.shapes.prompts import canonical
+from chaid.shapes.world import NO_OBJECT, render, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +49,7 @@ EVAL_STREAM = 4_000_037
 
 @dataclass(frozen=True)
 class JudgeTrainConfig:
-    steps: int = 1200
+    steps: int = 2500
     # Fresh renders per step, and VAE reconstructions from the pool per step (if a VAE).
     batch_size: int = 32
     pool_batch: int = 16
@@ -168,6 +179,29 @@ def evaluate_judge(judge: ShapesJudge, batches: list[Batch], vae=None) -> dict[s
     return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
 
 
+@torch.no_grad()
+def validate_scores(judge: ShapesJudge, seed: int, clips: int, vae=None) -> dict[str, float]:
+    """Mean :func:`~chaid.shapes.judge.score` of held-out scenes against their canonical
+    prompts: rendered, through the VAE (if given), and of uniform noise frames instead."""
+    rng = np.random.default_rng(seed + EVAL_STREAM + 1)
+    scores: dict[str, list[float]] = {"clean": [], "noise": []}
+    if vae is not None:
+        scores["vae"] = []
+    for _ in range(clips):
+        batch_rng = np.random.default_rng(rng.integers(2**63))
+        scene = sample_scene(batch_rng)
+        prompt = canonical(scene)
+        video = render(scene, FRAMES, HEIGHT, WIDTH)
+        scores["clean"].append(score(video, prompt, judge)["overall"])
+        if vae is not None:
+            x = to_tensor(video)[None]
+            recon = to_uint8(vae.decode(vae.encode(x), FRAMES)[0])
+            scores["vae"].append(score(recon, prompt, judge)["overall"])
+        noise = batch_rng.integers(0, 256, video.shape, dtype=np.uint8)
+        scores["noise"].append(score(noise, prompt, judge)["overall"])
+    return {k: round(float(np.mean(v)), 4) for k, v in scores.items()}
+
+
 def held_out_batches(seed: int, clips: int, batch_size: int = 50) -> list[Batch]:
     rng = np.random.default_rng(seed + EVAL_STREAM)
     return [
@@ -183,6 +217,7 @@ def train_judge(
     cfg: JudgeTrainConfig | None = None,
     vae=None,
     eval_clips: int = 500,
+    score_clips: int = 200,
 ) -> dict:
     """Train the judge from scratch and write its weights (fp16 safetensors) to ``out``.
 
@@ -192,7 +227,8 @@ def train_judge(
         cfg: training settings.
         vae: a trained VideoAutoencoder whose reconstructions join training, and on whose
             reconstructions the judge is also validated; None trains on renders alone.
-        eval_clips: held-out clips for the accuracies in the report.
+        eval_clips: held-out clips for the accuracies in the report; score_clips: held-out
+            scenes whose mean score against their canonical prompts it reports.
 
     Returns a report with held-out accuracies (clean, and through the VAE if given).
     """
@@ -267,6 +303,7 @@ def train_judge(
     }
     if vae is not None:
         report["accuracy_vae"] = evaluate_judge(saved, batches, vae)
+    report["mean_score"] = validate_scores(saved, seed, score_clips, vae)
     log.info("held-out accuracy (clean): %s", report["accuracy_clean"])
     return report
 
