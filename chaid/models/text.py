@@ -117,6 +117,11 @@ class MiniLMTextEncoder:
         self.max_length = max_length
         self.model_path = model_path
 
+    def load(self) -> None:
+        """Load the model now rather than on the first ``encode`` (it takes seconds, most of
+        them importing transformers); a server calls this before it reports ready."""
+        _load_minilm(self.model_path)
+
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         tokenizer, model = _load_minilm(self.model_path)
         tokens = tokenizer(
