@@ -1,8 +1,9 @@
 """Training the Shapes STDiT3 with OpenSora 1.2's rectified-flow objective.
 
 1. Dataset: ``dataset_size`` scenes are drawn from the Shapes world, rendered and encoded
-   by the (frozen) VAE once; latents are kept in memory as fp16. Prompts are written anew
-   from each scene every time it is drawn, so the model sees many phrasings per video.
+   by the (frozen) VAE once; ``prompts_per_scene`` phrasings of each scene are encoded by
+   the (frozen) text encoder once. Both are kept in memory as fp16; a step draws a scene
+   and one of its phrasings.
 2. Step: a batch of latents x0, noise ε, t from a logit-normal passed through the same
    timestep transform the sampler uses; x_t = (1 - t/1000)·x0 + (t/1000)·ε; the first
    in_channels outputs regress v = x0 - ε (MSE). A fraction of captions is replaced by the
@@ -30,6 +31,7 @@ import torch
 
 from chaid.engine.sampler import NUM_TIMESTEPS, timestep_transform, transform_ratio
 from chaid.models import ModelParts, build_parts
+from chaid.models.text import TextEmbedding
 from chaid.models.weights import save_weights
 from chaid.shapes.prompts import describe
 from chaid.shapes.world import render, sample_scene
@@ -47,7 +49,7 @@ class DitTrainConfig:
     # Optimiser steps; quality keeps improving long after the loss curve looks flat.
     steps: int = 6000
     # Clips per step: larger is smoother but each step costs proportionally more.
-    batch_size: int = 32
+    batch_size: int = 16
     # Peak learning rate after warm-up.
     lr: float = 3e-4
     warmup_steps: int = 200
@@ -56,15 +58,54 @@ class DitTrainConfig:
     # Fraction of captions replaced by the null caption (needed for guidance).
     caption_dropout: float = 0.1
     # Pre-rendered, pre-encoded clips; more clips, less over-fitting, longer start-up.
-    dataset_size: int = 20000
+    dataset_size: int = 10000
+    # Phrasings encoded per scene: more, more language variety and more memory
+    # (10000 x 3 MiniLM states of 32 x 384 in fp16 is 0.7 GB).
+    prompts_per_scene: int = 3
     # Clips rendered and encoded per VAE call while building the dataset.
     encode_batch: int = 64
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 250
-    # CPU threads for torch; this machine kind has two cores.
-    threads: int = 2
+    # CPU threads for torch. One thread is robust on a shared machine: with two, OpenMP
+    # workers spin against other processes and a step can take many times longer.
+    threads: int = 1
+
+
+@dataclass
+class TextBank:
+    """Encoded phrasings: states (N, K, L, D) fp16 and masks (N, K, L) for N scenes."""
+
+    prompts: list[list[str]]
+    states: torch.Tensor
+    mask: torch.Tensor
+
+
+def build_text_bank(
+    parts: ModelParts, scenes: list, per_scene: int, rng: np.random.Generator, chunk: int = 256
+) -> TextBank:
+    """Write ``per_scene`` phrasings of every scene and encode them once."""
+    prompts = [[describe(s, rng) for _ in range(per_scene)] for s in scenes]
+    flat = [p for group in prompts for p in group]
+    enc = parts.text_encoder
+    states = torch.empty((len(flat), enc.max_length, enc.dim), dtype=torch.float16)
+    mask = torch.empty((len(flat), enc.max_length), dtype=torch.bool)
+    start = time.perf_counter()
+    for i in range(0, len(flat), chunk):
+        with torch.no_grad():
+            text = enc.encode(flat[i : i + chunk])
+        states[i : i + chunk] = text.states.to(torch.float16)
+        mask[i : i + chunk] = text.mask
+        if (i // chunk) % 20 == 0:
+            log.info(
+                "text: %d/%d prompts encoded (%.0f s)",
+                i + chunk,
+                len(flat),
+                time.perf_counter() - start,
+            )
+    shape = (len(scenes), per_scene)
+    return TextBank(prompts, states.view(*shape, *states.shape[1:]), mask.view(*shape, -1))
 
 
 def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.Generator):
@@ -100,18 +141,16 @@ def sample_timesteps(batch: int, ratio: float, gen: torch.Generator) -> torch.Te
 def flow_loss(
     parts: ModelParts,
     x0: torch.Tensor,
-    prompts: list[str],
+    text: TextEmbedding,
     t: torch.Tensor,
     noise: torch.Tensor,
     drop: torch.Tensor,
 ) -> torch.Tensor:
     """The rectified-flow loss of one batch (see the module docstring, step 2)."""
     spec, dit = parts.spec, parts.dit
-    with torch.no_grad():
-        text = parts.text_encoder.encode(prompts)
     # clone: an encoder may return inference-mode tensors, which autograd cannot save
-    states, mask = text.states.clone(), text.mask.clone()
-    y = torch.where(drop[:, None, None], dit.null_caption(len(prompts)), states)
+    states, mask = text.states.float().clone(), text.mask.clone()
+    y = torch.where(drop[:, None, None], dit.null_caption(len(states)), states)
     s = (t / NUM_TIMESTEPS)[:, None, None, None, None]
     x_t = (1 - s) * x0 + s * noise
     out = dit(x_t, t, y, mask, fps=spec.fps, height=spec.height, width=spec.width)
@@ -172,24 +211,25 @@ def train_dit(
     # The dataset is a pure function of the seed, so a resumed run rebuilds the same one.
     rng = np.random.default_rng(cfg.seed)
     latents, scenes = build_latent_dataset(parts, cfg, rng)
+    bank = build_text_bank(parts, scenes, cfg.prompts_per_scene, rng)
     spec = parts.spec
     ratio = transform_ratio(spec.height, spec.width, latents.shape[2], dit.cfg.input_sq_size)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    prompt_rng = np.random.default_rng([cfg.seed, step])
 
     start, losses = time.perf_counter(), []
     while step < cfg.steps:
         # 1. batch
         idx = torch.randint(0, len(scenes), (cfg.batch_size,), generator=gen)
         x0 = latents[idx].float()
-        prompts = [describe(scenes[i], prompt_rng) for i in idx.tolist()]
+        variant = torch.randint(0, cfg.prompts_per_scene, (cfg.batch_size,), generator=gen)
+        text = TextEmbedding(bank.states[idx, variant], bank.mask[idx, variant])
         t = sample_timesteps(cfg.batch_size, ratio, gen)
         noise = torch.randn(x0.shape, generator=gen)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         # 2. step
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
-        loss = flow_loss(parts, x0, prompts, t, noise, drop)
+        loss = flow_loss(parts, x0, text, t, noise, drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.grad_clip)

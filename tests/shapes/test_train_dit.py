@@ -36,10 +36,10 @@ def _fixed_batch_loss(parts, seed=123):
     x0 = latents.float()
     t = torch.full((len(scenes),), 500.0)
     noise = torch.randn(x0.shape, generator=gen)
-    prompts = [describe(s, rng) for s in scenes]
+    text = parts.text_encoder.encode([describe(s, rng) for s in scenes])
     with torch.no_grad():
         return flow_loss(
-            parts, x0, prompts, t, noise, torch.zeros(len(scenes), dtype=torch.bool)
+            parts, x0, text, t, noise, torch.zeros(len(scenes), dtype=torch.bool)
         ).item()
 
 
