@@ -10,11 +10,12 @@ DEMO_PROMPT ?= a red circle moving to the left across a grassy field
 
 .PHONY: setup demo test lint gpu-check clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e client/
 	touch $@
 
 setup: $(VENV)/.installed
@@ -34,7 +35,7 @@ gpu-check: setup
 	$(PY) -m chaid.kernels.bench
 
 lint: setup
-	$(VENV)/bin/ruff check chaid tests
+	$(VENV)/bin/ruff check chaid tests client
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -18,6 +18,7 @@ from pathlib import Path
 from chaid import __version__
 from chaid.config import load_settings
 from chaid.errors import ChaidError
+from chaid.server.cli import register_serve
 from chaid.shapes.cli import register as register_shapes
 from chaid.store.cli import register_bench, register_cache
 
@@ -148,6 +149,7 @@ class ProgressBar:
 # Each entry adds one sub-command; modules that grow commands add their register here.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_generate,
+    register_serve,
     register_cache,
     register_bench,
     register_shapes,

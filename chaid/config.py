@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from chaid.errors import ConfigError
+from chaid.store.errors import StoreError
+from chaid.store.settings import StoreSettings
 
 ENV_PREFIX = "CHAID_"
 
@@ -61,11 +63,73 @@ class ChaiSettings:
     kernel: str = "auto"
 
 
+# Where the systemd socket unit puts the daemon's socket; clients look here by default.
+DEFAULT_SOCKET = Path("/run/chaid/chaid.sock")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # The Unix socket the daemon binds when systemd hands it none (socket activation wins).
+    socket: Path = DEFAULT_SOCKET
+    # Octal file mode of a bound socket: who may connect at all. 0660 admits the owner and
+    # the socket group; 0666 leaves access to the peer-credential check alone.
+    socket_mode: str = "0660"
+    # Group (name or gid) given to a bound socket; None keeps the daemon's primary group.
+    socket_group: str | None = None
+    # Users (names or uids) and groups allowed to send requests. Both empty: every peer
+    # that the socket's file mode lets in. root and the daemon's own user are always allowed.
+    allowed_users: tuple[str, ...] = ()
+    allowed_groups: tuple[str, ...] = ()
+    # Users and groups allowed cache.evict/clear/warm. Both empty: only root and the
+    # daemon's own user. Admins must also be allowed.
+    admin_users: tuple[str, ...] = ()
+    admin_groups: tuple[str, ...] = ()
+    # Largest request frame accepted. Requests carry a prompt and a few numbers; 1 MiB is
+    # generous and bounds the memory a hostile client can make the daemon buffer.
+    max_message_bytes: int = 1 << 20
+    # Longest prompt (characters); longer text is beyond every text encoder's context.
+    max_prompt_chars: int = 2000
+    # Bounds of generate parameters: they cap the device time and memory one request takes.
+    max_frames: int = 256
+    max_side: int = 1024
+    max_steps: int = 200
+    # Generations waiting for the device; one more is answered "busy" at once, so a client
+    # learns to back off instead of queueing behind minutes of work.
+    queue_size: int = 16
+    # Requests one connection may have in flight; more is "too_many_requests".
+    max_inflight_per_connection: int = 8
+    # Open connections; more are answered "busy" and closed.
+    max_connections: int = 128
+    # A frame that has started must arrive whole within this many seconds (slow-loris guard).
+    read_timeout_s: float = 10.0
+    # A client that does not read its responses for this long is disconnected.
+    write_timeout_s: float = 60.0
+    # Default and largest per-request deadline (queue wait + generation), in seconds.
+    request_timeout_s: float = 900.0
+    # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
+    grace_period_s: float = 30.0
+    # Threads for cache lookups (spaCy + MiniLM on the CPU), apart from the device worker.
+    lookup_threads: int = 2
+    # torch intra-op threads of the whole process; 0 leaves torch's default. On a small
+    # shared CPU, 1 avoids spinning OpenMP threads (a tiny model ran 40x faster with 1).
+    torch_threads: int = 0
+    # "text" for people, "json" for log collectors (one object per line).
+    log_format: str = "text"
+    # Lowest level logged: debug, info, warning, error.
+    log_level: str = "info"
+
+    @property
+    def socket_mode_bits(self) -> int:
+        return int(self.socket_mode, 8)
+
+
 @dataclass(frozen=True)
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     chai: ChaiSettings = field(default_factory=ChaiSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
 
     def validate(self) -> Settings:
         """Return self if every value is in range, else raise ConfigError."""
@@ -110,7 +174,48 @@ class Settings:
                 raise ConfigError(
                     f"chai.{name} must be one of {', '.join(allowed)}, not {getattr(chai, name)!r}"
                 )
+        self._validate_server()
+        try:
+            self.store.validate()
+        except StoreError as exc:
+            raise ConfigError(str(exc)) from None
         return self
+
+    def _validate_server(self) -> None:
+        srv = self.server
+        mode = srv.socket_mode
+        if not (1 <= len(mode) <= 4 and all(c in "01234567" for c in mode)):
+            raise ConfigError(f"server.socket_mode must be an octal mode like 0660, not {mode!r}")
+        for name in (
+            "max_message_bytes",
+            "max_prompt_chars",
+            "max_frames",
+            "max_side",
+            "max_steps",
+            "queue_size",
+            "max_inflight_per_connection",
+            "max_connections",
+            "lookup_threads",
+        ):
+            if getattr(srv, name) < 1:
+                raise ConfigError(f"server.{name} must be at least 1, not {getattr(srv, name)}")
+        if srv.max_steps > MAX_STEPS:
+            raise ConfigError(f"server.max_steps must be at most {MAX_STEPS}")
+        for name in ("read_timeout_s", "write_timeout_s", "request_timeout_s"):
+            if not getattr(srv, name) > 0:
+                raise ConfigError(f"server.{name} must be positive, not {getattr(srv, name)}")
+        if srv.grace_period_s < 0:
+            raise ConfigError(f"server.grace_period_s must be >= 0, not {srv.grace_period_s}")
+        if srv.torch_threads < 0:
+            raise ConfigError(f"server.torch_threads must be >= 0, not {srv.torch_threads}")
+        if srv.log_format not in ("text", "json"):
+            raise ConfigError(f"server.log_format must be text or json, not {srv.log_format!r}")
+        if srv.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(
+                f"server.log_level must be debug, info, warning or error, not {srv.log_level!r}"
+            )
+        if srv.max_steps < self.chai.full_steps:
+            raise ConfigError("server.max_steps must be at least chai.full_steps")
 
 
 # dtype names accepted in settings; the engine maps them to torch dtypes.
@@ -129,7 +234,8 @@ def load_settings(
     """Build validated Settings from a TOML file, the environment and explicit overrides.
 
     Args:
-        config_file: a TOML file with ``[model]`` / ``[sampler]`` tables, or None.
+        config_file: a TOML file with ``[model]``, ``[sampler]``, ``[chai]``, ``[server]``
+            and ``[store]`` tables, or None.
         env: the environment to read ``CHAID_<SECTION>_<FIELD>`` from (default os.environ).
         overrides: ``{section: {field: value}}`` from command-line flags; None values are
             skipped so an unset flag never hides a file or environment value.
@@ -161,6 +267,8 @@ _SECTION_TYPES: dict[str, type] = {
     "model": ModelSettings,
     "sampler": SamplerSettings,
     "chai": ChaiSettings,
+    "server": ServerSettings,
+    "store": StoreSettings,
 }
 
 

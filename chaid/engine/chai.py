@@ -1,0 +1,219 @@
+"""CHAI orchestration: lookup → mode → sample → decode → cache write.
+
+:class:`ChaiEngine` joins the generation pipeline and the latent cache. Its methods are
+synchronous and are called from worker threads: ``lookup`` only uses the CPU (spaCy,
+MiniLM, the index) and may run beside a generation; ``generate`` uses the device and must be
+called by one thread at a time per device (the daemon's device worker guarantees it);
+``insert`` writes the store.
+
+Mode decision (DESIGN.md, Engine):
+
+* ``cache="auto"``: a hit runs the fast mode (``chai.fast_steps`` steps with Cache Attention
+  on the entry's latents); a miss runs the full mode (``chai.full_steps``) and its latents
+  z_k at ``chai.cache_steps`` are written to the cache.
+* ``cache="refresh"``: no lookup; a full run whose latents are written (forces a miss).
+* ``cache="off"``: neither lookup nor write; a plain run of ``steps`` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from chaid.config import Settings
+from chaid.engine.pipeline import GenerationRequest, GenerationResult, Pipeline
+from chaid.models import ModelParts
+from chaid.models.weights import resolve_weights_file
+from chaid.store.analysis import Analyzer
+from chaid.store.cache import InsertResult, LatentCache
+from chaid.store.errors import EntryNotFoundError
+from chaid.store.matching import LookupResult
+
+log = logging.getLogger(__name__)
+
+# Bytes read per call while hashing a weights file (large sequential reads are fastest).
+_DIGEST_CHUNK = 8 << 20
+
+
+def model_fingerprint(parts: ModelParts, weights: str | None) -> str:
+    """Names the latent space of a model: cached latents are only reused by the same one.
+
+    The preset name, its text encoder and VAE, and a digest of the DiT weights file (the
+    whole file: any retraining changes the latents), or of the DiT config when the weights
+    are a seeded initialisation.
+    """
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(f"{parts.spec.name}|{parts.text_encoder.name}|{type(parts.vae).__name__}|"
+                  .encode())
+    if weights is None:
+        digest.update(f"init-seed-0|{parts.dit.cfg!r}".encode())
+    else:
+        with open(resolve_weights_file(weights), "rb") as fh:
+            while chunk := fh.read(_DIGEST_CHUNK):
+                digest.update(chunk)
+    return f"{parts.spec.name}-{digest.hexdigest()}"
+
+
+@dataclass
+class ChaiOutcome:
+    """What one generation did, beside its video."""
+
+    result: GenerationResult
+    cache: str  # "hit", "miss" or "off"
+    request: GenerationRequest  # resolved: every size filled in
+    lookup: LookupResult | None = None
+    inserted: InsertResult | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def matched(self) -> dict[str, Any] | None:
+        """The matched entry and entity pairs with their cosines (None unless a hit)."""
+        lk = self.lookup
+        if self.cache != "hit" or lk is None:
+            return None
+        return {
+            "entry_id": lk.entry_id,
+            "prompt": lk.cached_prompt,
+            "score": round(lk.score, 4),
+            "entities": [
+                {"query": m.query_entity, "cached": m.cached_entity, "cosine": round(m.cosine, 4)}
+                for m in lk.matches
+            ],
+        }
+
+
+def lookup_as_dict(lk: LookupResult) -> dict[str, Any]:
+    """A lookup result for the wire (plain types, rounded scores)."""
+    return {
+        "hit": lk.hit,
+        "entry_id": lk.entry_id,
+        "cached_prompt": lk.cached_prompt,
+        "score": round(lk.score, 4),
+        "prompt_cosine": None if lk.prompt_cosine is None else round(lk.prompt_cosine, 4),
+        "entities": list(lk.entities),
+        "matches": [
+            {"query": m.query_entity, "cached": m.cached_entity, "cosine": round(m.cosine, 4)}
+            for m in lk.matches
+        ],
+        "candidates": lk.candidates,
+        "threshold": lk.threshold,
+        "timings_ms": {k: round(v, 2) for k, v in lk.timings_ms.items()},
+    }
+
+
+class ChaiEngine:
+    """A warm pipeline plus the latent cache; see the module docstring for the modes."""
+
+    def __init__(self, pipeline: Pipeline, cache: LatentCache, fingerprint: str,
+                 default_steps: int = 30) -> None:
+        self.pipeline = pipeline
+        self.cache = cache
+        self.fingerprint = fingerprint
+        self.default_steps = default_steps
+
+    @classmethod
+    def load(cls, settings: Settings) -> ChaiEngine:
+        """Open the store (consistency check and index rebuild happen in its open), then the
+        models. Raises ChaidError subclasses (store, weights, config)."""
+        analyzer = Analyzer.from_settings(settings.store)
+        cache = LatentCache.open(settings.store, analyzer=analyzer)
+        try:
+            pipeline = Pipeline.from_settings(settings)
+            spec = pipeline.parts.spec
+            weights = settings.model.weights
+            if weights is None and spec.dit_weights is not None and spec.dit_weights.is_file():
+                weights = spec.dit_weights
+            fingerprint = model_fingerprint(pipeline.parts, None if weights is None
+                                            else str(weights))
+        except BaseException:
+            cache.close()
+            raise
+        log.info("model %s on %s, fingerprint %s, %d cached entries", spec.name,
+                 pipeline.device, fingerprint, len(cache))
+        return cls(pipeline, cache, fingerprint, settings.sampler.steps)
+
+    def close(self) -> None:
+        self.cache.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def resolve(self, prompt: str, *, frames: int | None = None, height: int | None = None,
+                width: int | None = None, seed: int = 0, cfg_scale: float | None = 7.0,
+                steps: int | None = None) -> GenerationRequest:
+        """A validated request with the preset's defaults filled in; InputError if invalid
+        (e.g. a size the VAE cannot encode)."""
+        return self.pipeline.resolve(GenerationRequest(
+            prompt, frames=frames, height=height, width=width, seed=seed,
+            cfg_scale=cfg_scale, steps=steps or self.default_steps))
+
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
+        return tuple(self.pipeline.parts.vae.latent_shape(request.frames, request.height,
+                                                          request.width))
+
+    def lookup(self, request: GenerationRequest, touch: bool = True) -> LookupResult:
+        """Which cached entry would serve this request, and why (CPU only)."""
+        return self.cache.lookup(request.prompt, self.fingerprint, self.latent_shape(request),
+                                 touch=touch)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        mode: str,
+        lookup: LookupResult | None = None,
+        on_step: Callable[[int, float, torch.Tensor], None] | None = None,
+    ) -> ChaiOutcome:
+        """Run one resolved request on the device.
+
+        ``mode``: "auto" with a ``lookup`` already made (hit → fast, miss → full),
+        "refresh" (full) or "off" (plain, ``request.steps`` steps). Whatever ``on_step``
+        raises stops the run and propagates; nothing is written to the cache then.
+        Writing a miss's latents is left to :meth:`insert` so the device is free meanwhile.
+        """
+        chai = self.pipeline.chai
+        timings: dict[str, float] = {}
+        if mode == "off":
+            result = self.pipeline.generate(request, on_step)
+            return ChaiOutcome(result, "off", request, lookup, timings_ms=timings)
+        cached = None
+        if mode == "auto" and lookup is not None and lookup.hit:
+            t0 = time.perf_counter()
+            try:
+                stored = self.cache.get_latents(lookup.entry_id)
+                cached = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in
+                          stored.items()}
+            except EntryNotFoundError:  # evicted since the lookup: run as a miss
+                log.info("entry %s was evicted after the lookup; running a miss",
+                         lookup.entry_id)
+                cached = None
+            timings["read_ms"] = (time.perf_counter() - t0) * 1e3
+        if cached is not None:
+            req = dataclasses.replace(request, steps=chai.fast_steps, cache_latents=cached,
+                                      capture_steps=())
+            result = self.pipeline.generate(req, on_step)
+            return ChaiOutcome(result, "hit", req, lookup, timings_ms=timings)
+        req = dataclasses.replace(request, steps=chai.full_steps,
+                                  capture_steps=tuple(chai.cache_steps), cache_latents=None)
+        result = self.pipeline.generate(req, on_step)
+        return ChaiOutcome(result, "miss", req, lookup, timings_ms=timings)
+
+    def insert(self, outcome: ChaiOutcome) -> InsertResult | None:
+        """Write a miss's captured latents to the cache (no-op for hits and plain runs)."""
+        if outcome.cache != "miss" or not outcome.result.captured:
+            return None
+        t0 = time.perf_counter()
+        req = outcome.request
+        inserted = self.cache.insert(
+            req.prompt, outcome.result.captured, self.fingerprint,
+            extra={"frames": req.frames, "height": req.height, "width": req.width,
+                   "seed": req.seed, "steps": outcome.result.steps},
+        )
+        outcome.inserted = inserted
+        outcome.timings_ms["insert_ms"] = (time.perf_counter() - t0) * 1e3
+        return inserted

@@ -1,0 +1,193 @@
+"""The device worker: one per device, taking generation jobs from a bounded queue.
+
+A :class:`Job` is the per-request object: its resolved request, cache mode, state, progress
+callback and outcome live here, never on the shared engine. The worker runs one job at a
+time: the lookup on the lookup limiter (CPU threads shared with ``cache.lookup`` calls, so
+lookups never wait behind the device), the generation on the device limiter (one thread),
+then the cache write. The lookup happens when the job reaches the device, not when it is
+queued, so a queued prompt can hit the entry that the miss before it just wrote.
+
+Cancellation: :meth:`Job.cancel` finishes a queued job at once; a running job's cancel
+scope is cancelled and the step hook, which polls ``trio.from_thread.check_cancelled()``
+before every denoising step, raises there, so the job stops within one step. A cache write
+that has begun is shielded: it commits whole or not at all.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from chaid.engine.chai import ChaiEngine, ChaiOutcome
+from chaid.engine.pipeline import GenerationRequest
+from chaid.store.matching import LookupResult
+
+log = logging.getLogger(__name__)
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class QueueFull(Exception):
+    """The worker's queue holds queue_size jobs already."""
+
+
+ProgressCallback = Callable[[int, int, float], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request on its way through the worker."""
+
+    request: GenerationRequest  # resolved
+    mode: str  # "auto", "refresh" or "off"
+    # Called in the trio thread before each denoising step: (step, steps, t).
+    on_progress: ProgressCallback | None = None
+    state: JobState = JobState.QUEUED
+    outcome: ChaiOutcome | None = None
+    error: BaseException | None = None
+    # Why it was cancelled: "client", "disconnect", "deadline" or "shutdown".
+    cancel_reason: str | None = None
+    steps_total: int = 0
+    steps_done: int = 0
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    finished_at: float | None = None
+    lookup_ms: float = 0.0
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def cancel(self, reason: str) -> None:
+        """Stop the job: at once if queued, at the next denoising step if running."""
+        if self.done.is_set() or self.cancel_reason is not None:
+            return
+        self.cancel_reason = reason
+        self.scope.cancel()
+        if self.state is JobState.QUEUED:
+            self._finish(JobState.CANCELLED)
+
+    def _finish(self, state: JobState) -> None:
+        self.state = state
+        self.finished_at = time.perf_counter()
+        self.done.set()
+
+    def _report(self, step: int, steps: int, t: float) -> None:
+        self.steps_total = steps
+        self.steps_done = step - 1
+        if self.on_progress is not None:
+            self.on_progress(step, steps, t)
+
+
+class DeviceWorker:
+    """Runs jobs one at a time on the engine's device; see the module docstring."""
+
+    def __init__(self, engine: ChaiEngine, queue_size: int,
+                 lookup_limiter: trio.CapacityLimiter) -> None:
+        self.engine = engine
+        self.queue_size = queue_size
+        self.lookup_limiter = lookup_limiter
+        # One token: exactly one thread drives the device at a time.
+        self.device_limiter = trio.CapacityLimiter(1)
+        self._send, self._receive = trio.open_memory_channel[Job](queue_size)
+        self.running: Job | None = None
+        self.completed = 0
+        self.counts = {"hit": 0, "miss": 0, "off": 0, "cancelled": 0, "failed": 0}
+
+    @property
+    def queued(self) -> int:
+        return self._send.statistics().current_buffer_used
+
+    def submit(self, job: Job) -> None:
+        """Queue a job without waiting; QueueFull when queue_size jobs already wait."""
+        try:
+            self._send.send_nowait(job)
+        except trio.WouldBlock:
+            raise QueueFull from None
+
+    def close(self) -> None:
+        """Accept no more jobs; :meth:`run` returns once the queued ones are done."""
+        self._send.close()
+
+    async def run(self) -> None:
+        """Take jobs until the queue is closed and drained."""
+        async with self._receive:
+            async for job in self._receive:
+                if job.done.is_set():  # cancelled while queued
+                    continue
+                self.running = job
+                try:
+                    await self._execute(job)
+                finally:
+                    self.running = None
+
+    async def _execute(self, job: Job) -> None:
+        job.state = JobState.RUNNING
+        job.started_at = time.perf_counter()
+        try:
+            with job.scope:
+                outcome = await self._generate(job)
+                if outcome.cache == "miss":
+                    # Shielded: a cancellation arriving now must not lose a finished run's
+                    # latents, and the write is atomic anyway.
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(self.engine.insert, outcome,
+                                                      limiter=self.lookup_limiter)
+                job.outcome = outcome
+        except Exception as exc:  # reported to the client; the worker keeps serving
+            job.error = exc
+            self.counts["failed"] += 1
+            job._finish(JobState.FAILED)
+            if not _is_input_error(exc):
+                log.exception("job %r failed", job.request.prompt[:80])
+            return
+        finally:
+            if not job.done.is_set() and job.outcome is None and job.error is None:
+                # Cancelled by its own scope, or the worker itself is being torn down.
+                if job.cancel_reason is None:
+                    job.cancel_reason = "shutdown"
+                self.counts["cancelled"] += 1
+                job._finish(JobState.CANCELLED)
+        if not job.done.is_set():
+            self.completed += 1
+            self.counts[job.outcome.cache] += 1
+            job._finish(JobState.DONE)
+
+    async def _generate(self, job: Job) -> ChaiOutcome:
+        lookup: LookupResult | None = None
+        if job.mode == "auto":
+            t0 = time.perf_counter()
+            lookup = await trio.to_thread.run_sync(self.engine.lookup, job.request,
+                                                   limiter=self.lookup_limiter)
+            job.lookup_ms = (time.perf_counter() - t0) * 1e3
+        steps_of = {"off": job.request.steps, "refresh": self.engine.pipeline.chai.full_steps}
+        chai = self.engine.pipeline.chai
+        steps = steps_of.get(job.mode) or (chai.fast_steps if lookup and lookup.hit
+                                           else chai.full_steps)
+
+        def on_step(step: int, t: float, z: Any) -> None:
+            # Runs in the worker thread before each denoising step.
+            trio.from_thread.check_cancelled()
+            trio.from_thread.run_sync(job._report, step, steps, t)
+
+        return await trio.to_thread.run_sync(
+            functools.partial(self.engine.generate, job.request, job.mode, lookup, on_step),
+            limiter=self.device_limiter,
+        )
+
+
+def _is_input_error(exc: BaseException) -> bool:
+    from chaid.errors import InputError
+
+    return isinstance(exc, InputError)

@@ -1,0 +1,263 @@
+"""One client connection: framing, limits, dispatch, and its in-flight requests.
+
+The connection owns its stream and closes it in ``finally``. A reader task decodes frames
+with a bounded unpacker; each request runs as its own task so that ``cancel`` and ``ping``
+are answered while a ``generate`` waits for the device; a writer task sends responses and
+progress notifications in order. Errors of one request become an error response; errors of
+the byte stream (not msgpack, over the size limit, a frame that stalls) are answered once
+with a nil id and close the connection. End of stream cancels the connection's requests,
+and so its queued or running generations (they stop within one denoising step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import trio
+
+from chaid.protocol import (
+    METHODS,
+    ErrorCode,
+    ProtocolError,
+    Request,
+    RpcError,
+    make_unpacker,
+    notification,
+    parse_frame,
+    response,
+    validate_params,
+)
+from chaid.server.logs import fields
+from chaid.server.peercred import PeerCredentials
+
+if TYPE_CHECKING:
+    from chaid.engine.worker import Job
+    from chaid.server.daemon import Daemon
+
+log = logging.getLogger("chaid.server")
+
+# Bytes asked of the kernel per read; a request is far smaller, a video response is only
+# ever written, never read.
+RECV_CHUNK = 64 * 1024
+# Frames waiting for the writer. Responses wait for room; progress notifications are
+# dropped when it is full (a client that reads slowly loses progress, not results).
+OUTGOING_FRAMES = 64
+# Methods answered by the reader itself: instant, and must never wait behind the
+# per-connection in-flight limit (cancelling is how a client gets below it).
+INLINE_METHODS = frozenset({"ping", "cancel"})
+
+Handler = Callable[["Connection", Request, dict[str, Any]], Awaitable[Any]]
+
+
+class Connection:
+    """State of one accepted connection; :meth:`run` serves it until it ends."""
+
+    def __init__(self, daemon: Daemon, stream: trio.SocketStream, peer: PeerCredentials,
+                 number: int) -> None:
+        self.daemon = daemon
+        self.stream = stream
+        self.peer = peer
+        self.number = number
+        self.allowed = daemon.access.allows(peer)
+        self.admin = daemon.access.is_admin(peer)
+        # Generations in flight on this connection, by request id (for `cancel`).
+        self.jobs: dict[int, Job] = {}
+        self.inflight: set[int] = set()
+        self._send, self._outgoing = trio.open_memory_channel[bytes](OUTGOING_FRAMES)
+        self._scope = trio.CancelScope()
+        self.dropped_notifications = 0
+
+    # -- outgoing -----------------------------------------------------------------------------
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            await self._send.send(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the connection is closing; the peer will not read it
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        """Queue a notification without waiting; dropped if the writer is backed up."""
+        try:
+            self._send.send_nowait(notification(method, params))
+        except trio.WouldBlock:
+            self.dropped_notifications += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def _writer(self) -> None:
+        timeout = self.daemon.settings.server.write_timeout_s
+        async with self._outgoing:
+            async for frame in self._outgoing:
+                with trio.move_on_after(timeout) as scope:
+                    try:
+                        await self.stream.send_all(frame)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._scope.cancel()
+                        return
+                if scope.cancelled_caught:
+                    log.warning("client not reading; disconnecting", extra=fields(
+                        conn=self.number, uid=self.peer.uid, pid=self.peer.pid))
+                    self._scope.cancel()
+                    return
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the peer leaves, the stream breaks or the daemon closes us."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    async with trio.open_nursery() as requests:
+                        await self._read_loop(requests)
+                        # The peer is gone or the stream is broken: nothing more will be
+                        # read, so its requests (and their generations) are abandoned.
+                        requests.cancel_scope.cancel()
+                    await self._send.aclose()  # the writer sends what is queued, then ends
+        except Exception:  # a bug here must not take the daemon's accept loop down
+            log.exception("connection %d failed", self.number)
+        finally:
+            for job in self.jobs.values():
+                job.cancel("disconnect")
+            await trio.aclose_forcefully(self.stream)
+
+    def close(self) -> None:
+        """Drop the connection now (daemon shutdown)."""
+        self._scope.cancel()
+
+    async def _read_loop(self, requests: trio.Nursery) -> None:
+        srv = self.daemon.settings.server
+        unpacker = make_unpacker(srv.max_message_bytes)
+        fed = 0
+        frame_deadline = math.inf
+        while True:
+            buffered = fed - unpacker.tell()
+            room = srv.max_message_bytes - buffered
+            if room <= 0:
+                await self._fail(RpcError(ErrorCode.TOO_LARGE,
+                                          f"frame larger than {srv.max_message_bytes} bytes"))
+                return
+            with trio.move_on_at(frame_deadline) as scope:
+                try:
+                    data = await self.stream.receive_some(min(RECV_CHUNK, room))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+            if scope.cancelled_caught:
+                await self._fail(RpcError(ErrorCode.TIMEOUT,
+                                          f"a frame did not arrive whole within "
+                                          f"{srv.read_timeout_s} s"))
+                return
+            if not data:
+                return
+            try:
+                unpacker.feed(data)
+            except msgpack.BufferFull:
+                await self._fail(RpcError(ErrorCode.TOO_LARGE,
+                                          f"frame larger than {srv.max_message_bytes} bytes"))
+                return
+            fed += len(data)
+            while True:
+                try:
+                    frame = unpacker.unpack()
+                except msgpack.OutOfData:
+                    break
+                except Exception as exc:  # FormatError, StackError, ext errors, limits
+                    await self._fail(ProtocolError(ErrorCode.MALFORMED,
+                                                   f"cannot decode the frame: {exc}"[:300]))
+                    return
+                if not await self._handle(frame, requests):
+                    return
+            if fed > unpacker.tell():
+                if frame_deadline == math.inf:
+                    frame_deadline = trio.current_time() + srv.read_timeout_s
+            else:
+                frame_deadline = math.inf
+
+    async def _fail(self, error: RpcError) -> None:
+        """Answer a stream-level error (nil id) before the connection closes."""
+        self.daemon.count_error(error.code)
+        log.info("closing connection: %s", error.code, extra=fields(
+            conn=self.number, uid=self.peer.uid, pid=self.peer.pid, error=error.message))
+        await self.send(response(None, error))
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def _handle(self, frame: Any, requests: trio.Nursery) -> bool:
+        """Dispatch one decoded frame; False when the connection should close."""
+        try:
+            request = parse_frame(frame)
+        except RpcError as exc:
+            msgid = exc.data.get("id") if isinstance(exc.data, dict) else None
+            self.daemon.count_error(exc.code)
+            await self.send(response(msgid, exc))
+            return True
+        if not self.allowed:
+            error = RpcError(ErrorCode.FORBIDDEN,
+                             f"uid {self.peer.uid} is not allowed to use this daemon")
+            self.daemon.count_error(error.code)
+            log.warning("peer refused", extra=fields(conn=self.number, uid=self.peer.uid,
+                                                     gid=self.peer.gid, pid=self.peer.pid))
+            await self.send(response(request.id, error))
+            return False
+        if request.id in self.inflight:
+            await self._answer_error(request, RpcError(
+                ErrorCode.INVALID_PARAMS, f"request id {request.id} is already in flight"))
+            return True
+        if request.method in INLINE_METHODS:
+            await self._dispatch(request)
+            return True
+        if len(self.inflight) >= self.daemon.settings.server.max_inflight_per_connection:
+            await self._answer_error(request, RpcError(
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"at most {self.daemon.settings.server.max_inflight_per_connection} requests "
+                f"in flight per connection"))
+            return True
+        self.inflight.add(request.id)
+        self.daemon.inflight += 1
+        requests.start_soon(self._dispatch_tracked, request)
+        return True
+
+    async def _answer_error(self, request: Request, error: RpcError) -> None:
+        self.daemon.count_error(error.code)
+        await self.send(response(request.id, error))
+
+    async def _dispatch_tracked(self, request: Request) -> None:
+        try:
+            await self._dispatch(request)
+        finally:
+            self.inflight.discard(request.id)
+            self.daemon.inflight -= 1
+
+    async def _dispatch(self, request: Request) -> None:
+        t0 = time.perf_counter()
+        code = "ok"
+        try:
+            if METHODS.get(request.method) and not self.admin:
+                raise RpcError(ErrorCode.FORBIDDEN,
+                               f"{request.method} is for admins; uid {self.peer.uid} is not one")
+            params = validate_params(request.method, request.params, self.daemon.limits)
+            handler = self.daemon.handlers[request.method]
+            result = await handler(self, request, params)
+            frame = response(request.id, None, result)
+        except RpcError as exc:
+            code = exc.code
+            frame = response(request.id, exc)
+        except Exception:
+            code = ErrorCode.INTERNAL
+            log.exception("request %s failed", request.method)
+            frame = response(request.id, RpcError(ErrorCode.INTERNAL,
+                                                  "internal error; see the daemon's log"))
+        if code != "ok":
+            self.daemon.count_error(code)
+        self.daemon.count_request(request.method)
+        await self.send(frame)
+        if request.method != "ping":
+            log.info("request", extra=fields(
+                conn=self.number, uid=self.peer.uid, pid=self.peer.pid, id=request.id,
+                method=request.method[:64], result=code,
+                ms=round((time.perf_counter() - t0) * 1e3, 1)))

@@ -1,0 +1,464 @@
+"""The daemon's lifecycle and its method handlers.
+
+Start: settings → store (consistency check and index rebuild happen as it opens) → models
+→ listeners (adopted from systemd or bound) → ``READY=1``. Serve: one accept loop per
+listener, one :class:`~chaid.server.connection.Connection` per client, one device worker.
+Stop (SIGTERM or SIGINT): ``STOPPING=1``, close the listeners, answer new requests with
+``shutting_down``, give in-flight requests ``server.grace_period_s`` to finish, cancel the
+rest (each gets a ``shutting_down`` error), close connections, flush and close the store,
+exit 0. A second signal skips what is left of the grace period.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import trio
+
+from chaid import __version__
+from chaid.config import Settings
+from chaid.engine.chai import ChaiEngine, lookup_as_dict
+from chaid.engine.worker import DeviceWorker, Job, JobState, QueueFull
+from chaid.errors import ChaidError, InputError
+from chaid.protocol import PROTOCOL_VERSION, ErrorCode, Limits, Request, RpcError
+from chaid.server.connection import Connection, Handler
+from chaid.server.listeners import BoundSocket, bind_socket, inherited_sockets, release
+from chaid.server.logs import fields
+from chaid.server.peercred import AccessPolicy, peer_credentials
+from chaid.server.sdnotify import Notifier
+from chaid.store.errors import StoreError
+
+log = logging.getLogger("chaid.server")
+
+# How often shutdown checks whether in-flight requests have all been answered.
+_DRAIN_POLL_S = 0.05
+# After the grace period, cancelled generations stop within one denoising step; a step of
+# the largest model takes seconds, so wait this long for their error responses.
+_CANCEL_WAIT_S = 30.0
+# Accept errors such as EMFILE are transient: pause before retrying instead of spinning.
+_ACCEPT_RETRY_S = 0.1
+_ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
+                     errno.ECONNABORTED}
+
+# Error code for a job cancelled for each reason.
+_CANCEL_CODES = {
+    "client": (ErrorCode.CANCELLED, "cancelled by the client"),
+    "disconnect": (ErrorCode.CANCELLED, "cancelled: the client disconnected"),
+    "deadline": (ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed"),
+    "shutdown": (ErrorCode.SHUTTING_DOWN, "cancelled: the daemon is shutting down"),
+}
+
+
+class Daemon:
+    """The serving state shared by every connection: engine, worker, limits, counters."""
+
+    def __init__(self, settings: Settings, engine: ChaiEngine, access: AccessPolicy,
+                 notifier: Notifier) -> None:
+        srv = settings.server
+        self.settings = settings
+        self.engine = engine
+        self.access = access
+        self.notifier = notifier
+        self.limits = Limits(srv.max_prompt_chars, srv.max_frames, srv.max_side,
+                             srv.max_steps, srv.request_timeout_s)
+        self.lookup_limiter = trio.CapacityLimiter(srv.lookup_threads)
+        self.worker = DeviceWorker(engine, srv.queue_size, self.lookup_limiter)
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self.inflight = 0
+        self.started = time.time()
+        self.connection_count = 0
+        self.requests: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.handlers: dict[str, Handler] = {
+            "ping": self.ping,
+            "generate": self.generate,
+            "cancel": self.cancel,
+            "stats": self.stats,
+            "cache.lookup": self.cache_lookup,
+            "cache.list": self.cache_list,
+            "cache.evict": self.cache_evict,
+            "cache.clear": self.cache_clear,
+            "cache.warm": self.cache_warm,
+        }
+
+    def count_request(self, method: str) -> None:
+        key = method if method in self.handlers else "(unknown)"
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def accept_loop(self, bound: BoundSocket, nursery: trio.Nursery) -> None:
+        """Accept connections on one listener until cancelled."""
+        listener = trio.SocketListener(bound.sock)
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(_ACCEPT_RETRY_S)
+                    continue
+                raise
+            nursery.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = peer_credentials(stream.socket)
+        except OSError as exc:
+            log.warning("cannot read peer credentials: %s", exc)
+            await trio.aclose_forcefully(stream)
+            return
+        self.connection_count += 1
+        conn = Connection(self, stream, peer, self.connection_count)
+        if len(self.connections) >= self.settings.server.max_connections:
+            from chaid.protocol import response
+
+            self.count_error(ErrorCode.BUSY)
+            with trio.move_on_after(1.0):
+                try:
+                    await stream.send_all(response(None, RpcError(
+                        ErrorCode.BUSY, "too many connections; retry later")))
+                except trio.BrokenResourceError:
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    def update_status(self) -> None:
+        c = self.worker.counts
+        self.notifier.status(
+            f"serving: {len(self.engine.cache)} cached entries; {c['hit']} hits, "
+            f"{c['miss']} misses, {c['off']} uncached; {self.worker.queued} queued")
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    async def ping(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        return {"pong": True, "version": __version__, "protocol": PROTOCOL_VERSION}
+
+    async def cancel(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        job = conn.jobs.get(p["request_id"])
+        if job is None:
+            raise RpcError(ErrorCode.NOT_FOUND,
+                           f"no generation with request id {p['request_id']} in flight on "
+                           f"this connection")
+        state = job.state.value
+        job.cancel("client")
+        return {"cancelled": True, "state": state}
+
+    def _resolve(self, p: dict[str, Any]):
+        try:
+            return self.engine.resolve(
+                p["prompt"], frames=p.get("frames"), height=p.get("height"),
+                width=p.get("width"), seed=p.get("seed", 0), cfg_scale=p.get("cfg_scale"),
+                steps=p.get("steps"))
+        except InputError as exc:
+            raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+
+    async def _run_job(self, conn: Connection, req: Request, p: dict[str, Any],
+                       mode: str) -> Job:
+        """Queue a job and wait for it; RpcError for busy, cancelled, failed."""
+        if self.draining:
+            raise RpcError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+        request = self._resolve(p)
+        deadline_s = p.get("deadline_s") or self.settings.server.request_timeout_s
+        deadline = trio.current_time() + deadline_s
+        on_progress = None
+        if p.get("progress"):
+            def on_progress(step: int, steps: int, t: float) -> None:
+                conn.notify("progress", {"request_id": req.id, "step": step, "steps": steps,
+                                         "t": round(t, 3)})
+        job = Job(request, mode, on_progress)
+        try:
+            self.worker.submit(job)
+        except QueueFull:
+            raise RpcError(ErrorCode.BUSY, f"the device queue is full ({self.worker.queue_size}"
+                           f" waiting); retry later",
+                           {"queued": self.worker.queue_size}) from None
+        conn.jobs[req.id] = job
+        try:
+            with trio.move_on_at(deadline):
+                await job.done.wait()
+            if not job.done.is_set():
+                job.cancel("deadline")
+                await job.done.wait()
+        finally:
+            conn.jobs.pop(req.id, None)
+            if not job.done.is_set():
+                job.cancel("disconnect")
+        self.update_status()
+        if job.state is JobState.CANCELLED:
+            code, message = _CANCEL_CODES.get(job.cancel_reason or "shutdown",
+                                              _CANCEL_CODES["shutdown"])
+            raise RpcError(code, message, {"steps_done": job.steps_done,
+                                           "steps": job.steps_total})
+        if job.state is JobState.FAILED:
+            exc = job.error
+            if isinstance(exc, InputError):
+                raise RpcError(ErrorCode.INVALID_PARAMS, str(exc))
+            if isinstance(exc, StoreError):
+                raise RpcError(ErrorCode.STORE_ERROR, str(exc))
+            raise RpcError(ErrorCode.INTERNAL, "generation failed; see the daemon's log")
+        return job
+
+    async def generate(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        t0 = time.perf_counter()
+        job = await self._run_job(conn, req, p, p["cache"])
+        outcome = job.outcome
+        result = outcome.result
+        t_video = time.perf_counter()
+        if p["format"] == "mp4":
+            from chaid.video import encode_mp4
+
+            video: Any = await trio.to_thread.run_sync(encode_mp4, result.video, result.fps)
+        else:
+            video = result.video
+        t_end = time.perf_counter()
+        timings = {
+            "queue_ms": (job.started_at - job.enqueued_at) * 1e3,
+            "lookup_ms": job.lookup_ms,
+            **{k: v for k, v in result.timings.as_dict().items() if k != "total_ms"},
+            "generate_ms": result.timings.total_ms,
+            **outcome.timings_ms,
+            "video_ms": (t_end - t_video) * 1e3,
+            "total_ms": (t_end - t0) * 1e3,
+        }
+        inserted = outcome.inserted
+        log.info("generated", extra=fields(
+            conn=conn.number, id=req.id, cache=outcome.cache, steps=result.steps,
+            entry=(outcome.lookup.entry_id if outcome.cache == "hit" else
+                   inserted.entry_id if inserted else None),
+            total_ms=round(timings["total_ms"], 1)))
+        return {
+            "video": video,
+            "format": p["format"],
+            "cache": outcome.cache,
+            "mode": result.mode,
+            "steps": result.steps,
+            "frames": int(result.video.shape[0]),
+            "height": int(result.video.shape[1]),
+            "width": int(result.video.shape[2]),
+            "fps": result.fps,
+            "seed": outcome.request.seed,
+            "prompt": outcome.request.prompt,
+            "entities": list(outcome.lookup.entities) if outcome.lookup else None,
+            "matched": outcome.matched(),
+            "inserted": None if inserted is None else {
+                "entry_id": inserted.entry_id, "bytes": inserted.bytes,
+                "evicted": inserted.evicted},
+            "timings": {k: round(float(v), 2) for k, v in timings.items()},
+        }
+
+    async def cache_warm(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        job = await self._run_job(conn, req, {**p, "progress": False}, "refresh")
+        inserted = job.outcome.inserted
+        return {
+            "entry_id": inserted.entry_id if inserted else None,
+            "steps": job.outcome.result.steps,
+            "timings": {"total_ms": round((job.finished_at - job.enqueued_at) * 1e3, 2)},
+        }
+
+    async def stats(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        cache_stats = await trio.to_thread.run_sync(self.engine.cache.stats,
+                                                    limiter=self.lookup_limiter)
+        running = self.worker.running
+        return {
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "model": self.engine.pipeline.parts.spec.name,
+            "device": str(self.engine.pipeline.device),
+            "fingerprint": self.engine.fingerprint,
+            "queue": {"size": self.worker.queue_size, "queued": self.worker.queued,
+                      "running": None if running is None else {
+                          "steps_done": running.steps_done, "steps": running.steps_total}},
+            "generations": dict(self.worker.counts),
+            "connections": len(self.connections),
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+            "cache": cache_stats,
+            "peer": {"uid": conn.peer.uid, "gid": conn.peer.gid, "admin": conn.admin},
+        }
+
+    async def cache_lookup(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        request = self._resolve({**p, "seed": 0, "cfg_scale": None})
+        lookup = await trio.to_thread.run_sync(
+            lambda: self.engine.lookup(request, touch=False), limiter=self.lookup_limiter)
+        out = lookup_as_dict(lookup)
+        out["latent_shape"] = list(self.engine.latent_shape(request))
+        out["fingerprint"] = self.engine.fingerprint
+        return out
+
+    async def cache_list(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        def read() -> list[dict[str, Any]]:
+            records = sorted(self.engine.cache.records(), key=lambda r: -r.last_access)
+            if p["limit"]:
+                records = records[: p["limit"]]
+            return [{"id": r.entry_id, "prompt": r.prompt, "entities": list(r.entities),
+                     "hits": r.hits, "bytes": r.bytes, "created": r.created,
+                     "last_access": r.last_access, "shape": list(r.shape),
+                     "fingerprint": r.fingerprint} for r in records]
+
+        entries = await trio.to_thread.run_sync(read, limiter=self.lookup_limiter)
+        return {"entries": entries, "total": len(self.engine.cache)}
+
+    async def cache_evict(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        ids = p["entry_ids"]
+        removed = await self._store_call(self.engine.cache.evict, ids)
+        return {"evicted": removed, "missing": sorted(set(ids) - set(removed))}
+
+    async def cache_clear(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        removed = await self._store_call(self.engine.cache.clear)
+        return {"evicted": len(removed)}
+
+    async def _store_call(self, fn, *args: Any) -> Any:
+        # Shielded: a store write commits whole; the client leaving must not abandon it.
+        with trio.CancelScope(shield=True):
+            try:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.lookup_limiter)
+            except StoreError as exc:
+                raise RpcError(ErrorCode.STORE_ERROR, str(exc)) from None
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def drain(self, force: trio.Event) -> None:
+        """Let in-flight requests finish within the grace period, then cancel the rest."""
+        self.draining = True
+        grace = self.settings.server.grace_period_s
+        with trio.move_on_after(grace):
+            while self.inflight and not force.is_set():
+                await trio.sleep(_DRAIN_POLL_S)
+        if self.inflight:
+            log.warning("grace period over; cancelling in-flight work",
+                        extra=fields(inflight=self.inflight, grace_s=grace))
+            for conn in list(self.connections):
+                for job in list(conn.jobs.values()):
+                    job.cancel("shutdown")
+            with trio.move_on_after(_CANCEL_WAIT_S):
+                while self.inflight:
+                    await trio.sleep(_DRAIN_POLL_S)
+        self.worker.close()
+        for conn in list(self.connections):
+            conn.close()
+
+
+async def _watch_signals(shutdown: trio.Event, force: trio.Event,
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second %s: skipping the grace period",
+                            signal.Signals(signum).name)
+                force.set()
+            else:
+                log.info("%s received: shutting down", signal.Signals(signum).name)
+                shutdown.set()
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    # Pinging from the event loop itself: a blocked loop stops the pings, and systemd
+    # restarts the daemon.
+    assert notifier.watchdog_s is not None
+    while True:
+        notifier.watchdog()
+        await trio.sleep(notifier.watchdog_s / 2)
+
+
+async def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM/SIGINT; return the exit status (0 after a clean stop)."""
+    notifier = Notifier()
+    shutdown, force = trio.Event(), trio.Event()
+    srv = settings.server
+    access = AccessPolicy.from_names(srv.allowed_users, srv.allowed_groups, srv.admin_users,
+                                     srv.admin_groups)
+    async with trio.open_nursery() as root:
+        await root.start(_watch_signals, shutdown, force)
+        if notifier.watchdog_s:
+            root.start_soon(_watchdog, notifier)
+        # 1. store and models (seconds): abandoned if a signal arrives meanwhile.
+        notifier.status("loading the store and the model")
+        engine: ChaiEngine | None = None
+        with trio.CancelScope() as loading:
+            root.start_soon(_cancel_on, shutdown, loading)
+            engine = await trio.to_thread.run_sync(ChaiEngine.load, settings,
+                                                   abandon_on_cancel=True)
+        if engine is None:
+            log.info("stopped while starting")
+            root.cancel_scope.cancel()
+            return 0
+        try:
+            code = await _serve_with(settings, engine, access, notifier, shutdown, force)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(engine.close)
+            log.info("store closed; exiting")
+        root.cancel_scope.cancel()
+    return code
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def _serve_with(settings: Settings, engine: ChaiEngine, access: AccessPolicy,
+                      notifier: Notifier, shutdown: trio.Event, force: trio.Event) -> int:
+    srv = settings.server
+    # 2. listeners: systemd's if it passed any, else our own path.
+    bound = inherited_sockets()
+    if not bound:
+        bound = [bind_socket(srv.socket, srv.socket_mode_bits, srv.socket_group)]
+    daemon = Daemon(settings, engine, access, notifier)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.worker.run)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as acceptors:
+                    for b in bound:
+                        acceptors.start_soon(daemon.accept_loop, b, connections)
+                    # 3. ready.
+                    names = ", ".join(b.name for b in bound)
+                    log.info("ready", extra=fields(
+                        listen=names, model=settings.model.name,
+                        device=str(engine.pipeline.device), entries=len(engine.cache),
+                        fingerprint=engine.fingerprint, pid=os.getpid()))
+                    notifier.ready(f"serving on {names}; {len(engine.cache)} cached entries")
+                    await shutdown.wait()
+                    # 4. stop accepting, drain, close.
+                    notifier.stopping("draining in-flight requests")
+                    acceptors.cancel_scope.cancel()
+                for b in bound:
+                    release(b)
+                await daemon.drain(force)
+                connections.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    finally:
+        for b in bound:
+            release(b)
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Entry point of ``chaid serve``: run the trio loop; ChaidError for startup failures."""
+    if settings.server.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.server.torch_threads)
+    try:
+        return trio.run(serve, settings)
+    except* ChaidError as group:
+        raise group.exceptions[0] from None

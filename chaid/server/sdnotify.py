@@ -1,0 +1,59 @@
+"""systemd's notification protocol: one datagram per message to ``$NOTIFY_SOCKET``.
+
+A few lines instead of a dependency. Without ``NOTIFY_SOCKET`` (not started by systemd)
+every call is a no-op. An address starting with ``@`` is in the abstract namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    """Sends READY=1, STATUS=..., STOPPING=1, WATCHDOG=1 to the service manager."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ) if env is None else env
+        address = env.get("NOTIFY_SOCKET", "")
+        self.address: str | None = None
+        if address.startswith("@"):
+            self.address = "\0" + address[1:]
+        elif address.startswith("/"):
+            self.address = address
+        # The watchdog interval applies to us only if WATCHDOG_PID is unset or our pid.
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        self.watchdog_s: float | None = None
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog_s = int(usec) / 1e6
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def send(self, *fields: str) -> None:
+        """Send ``KEY=VALUE`` lines in one datagram; failures are logged, never raised."""
+        if self.address is None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(fields).encode())
+        except OSError as exc:
+            log.warning("sd_notify to %s failed: %s", self.address.lstrip("\0"), exc)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def stopping(self, status: str = "stopping") -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")

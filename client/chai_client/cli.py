@@ -1,0 +1,219 @@
+"""The ``chai`` command: talk to a running chaid daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from chai_client.errors import ChaiError, RpcError
+from chai_client.sync import Client
+
+# Exit statuses: 1 the daemon refused or failed the request, 2 usage, 3 no daemon/connection.
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chai", description="Client of the chaid video daemon.")
+    p.add_argument("--socket", type=Path,
+                   help="daemon socket (default: $CHAI_SOCKET or /run/chaid/chaid.sock)")
+    p.add_argument("--timeout", type=float, help="seconds to wait on the socket (default: none)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate a video and write it as MP4")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", type=Path, required=True, help="MP4 file to write")
+    g.add_argument("--frames", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cfg-scale", type=float, default=7.0)
+    g.add_argument("--cache", choices=["auto", "off", "refresh"], default="auto",
+                   help="auto: reuse a matching entry (default); refresh: force a miss; "
+                   "off: no cache, --steps plain steps")
+    g.add_argument("--steps", type=int, help="steps of an uncached run (--cache off)")
+    g.add_argument("--deadline", type=float, help="give up after this many seconds")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=_generate)
+
+    s = sub.add_parser("stats", help="daemon and cache statistics")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_stats)
+
+    s = sub.add_parser("ping", help="check the daemon answers")
+    s.set_defaults(func=_ping)
+
+    s = sub.add_parser("lookup", help="would this prompt hit the cache, and why")
+    s.add_argument("prompt")
+    s.add_argument("--frames", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--width", type=int)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_lookup)
+
+    c = sub.add_parser("cache", help="list or remove cache entries")
+    csub = c.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    s = csub.add_parser("ls", help="entries, most recently used first")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cache_ls)
+    s = csub.add_parser("evict", help="remove entries by id (admin)")
+    s.add_argument("entry_ids", type=int, nargs="+")
+    s.set_defaults(func=_cache_evict)
+    s = csub.add_parser("clear", help="remove every entry (admin)")
+    s.set_defaults(func=_cache_clear)
+    return p
+
+
+class _Progress:
+    WIDTH = 30
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.drawn = False
+
+    def __call__(self, step: int, steps: int) -> None:
+        done = step - 1
+        filled = int(self.WIDTH * done / max(steps, 1))
+        sys.stderr.write(f"\rdenoising [{'#' * filled}{'-' * (self.WIDTH - filled)}] "
+                         f"{done}/{steps} {time.perf_counter() - self.start:6.1f}s")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r" + " " * (self.WIDTH + 40) + "\r")
+            sys.stderr.flush()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a video is an ordinary file
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    bar = _Progress() if sys.stderr.isatty() and not args.json else None
+    try:
+        result = client.generate(
+            args.prompt, frames=args.frames, height=args.height, width=args.width,
+            seed=args.seed, cfg_scale=args.cfg_scale, cache=args.cache, steps=args.steps,
+            deadline_s=args.deadline, on_progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    _write_atomic(args.output, result.video)
+    if args.json:
+        print(json.dumps({"output": str(args.output), "prompt": args.prompt,
+                          **result.summary()}))
+    else:
+        how = result.cache
+        if result.matched:
+            pairs = ", ".join(f"{e.query}~{e.cached} {e.cosine:.2f}"
+                              for e in result.matched.entities)
+            how += f" (entry {result.matched.entry_id}: {pairs})"
+        print(f"wrote {args.output}: {result.frames} frames {result.width}x{result.height}, "
+              f"{how}, {result.steps} steps, {result.timings['total_ms'] / 1000:.2f} s")
+    return 0
+
+
+def _stats(client: Client, args: argparse.Namespace) -> int:
+    stats = client.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2, default=str))
+        return 0
+    cache = stats.get("cache", {})
+    gens = stats.get("generations", {})
+    print(f"chaid {stats['version']} pid {stats['pid']}, up {stats['uptime_s']} s, "
+          f"model {stats['model']} on {stats['device']}")
+    print(f"queue: {stats['queue']['queued']}/{stats['queue']['size']} waiting, "
+          f"running: {'yes' if stats['queue']['running'] else 'no'}; "
+          f"{stats['connections']} connections")
+    print("generations: " + ", ".join(f"{k} {v}" for k, v in gens.items()))
+    print(f"cache: {cache.get('entries')} entries, {cache.get('total_bytes')} of "
+          f"{cache.get('budget_bytes')} bytes, policy {cache.get('policy')}")
+    return 0
+
+
+def _ping(client: Client, args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    reply = client.ping()
+    print(f"pong from chaid {reply.get('version')} in {(time.perf_counter() - t0) * 1e3:.2f} ms")
+    return 0
+
+
+def _lookup(client: Client, args: argparse.Namespace) -> int:
+    result = client.lookup(args.prompt, frames=args.frames, height=args.height,
+                           width=args.width)
+    if args.json:
+        print(json.dumps(result.raw))
+        return 0
+    print(f"entities: {', '.join(result.entities) or '(none)'}")
+    if not result.hit:
+        print(f"miss (no cached entity at or above {result.threshold})")
+        return 0
+    print(f"hit: entry {result.entry_id} ({result.cached_prompt!r}), score {result.score:.3f}")
+    for m in result.matches:
+        print(f"  {m.query!r} ~ {m.cached!r}: {m.cosine:.3f}")
+    return 0
+
+
+def _cache_ls(client: Client, args: argparse.Namespace) -> int:
+    entries = client.cache_list(args.limit)
+    if args.json:
+        print(json.dumps(entries))
+        return 0
+    print(f"{'id':>6} {'hits':>5} {'bytes':>9}  prompt  [entities]")
+    for e in entries:
+        print(f"{e['id']:>6} {e['hits']:>5} {e['bytes']:>9}  {e['prompt'][:60]}  "
+              f"[{', '.join(e['entities'])}]")
+    return 0
+
+
+def _cache_evict(client: Client, args: argparse.Namespace) -> int:
+    out = client.cache_evict(args.entry_ids)
+    print(f"evicted {out['evicted']}" + (f"; not found: {out['missing']}" if out["missing"]
+                                         else ""))
+    return 0
+
+
+def _cache_clear(client: Client, args: argparse.Namespace) -> int:
+    print(f"evicted {client.cache_clear()} entries")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.socket, timeout=args.timeout) as client:
+            return args.func(client, args)
+    except RpcError as exc:
+        print(f"chai: error: {exc.message} [{exc.code}]", file=sys.stderr)
+        return EXIT_ERROR
+    except ChaiError as exc:
+        print(f"chai: error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        print("chai: interrupted (the daemon cancels the request)", file=sys.stderr)
+        return 130
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
