@@ -133,10 +133,13 @@ class Connection:
     async def _read_loop(self, requests: trio.Nursery) -> None:
         srv = self.daemon.settings.server
         unpacker = make_unpacker(srv.max_message_bytes)
-        fed = 0
+        # Bytes fed, and the stream offset where the last whole frame ended: what lies
+        # between is the frame in progress (the unpacker's tell() also counts the bytes of a
+        # frame it has only partly parsed, so it cannot tell).
+        fed = frame_start = 0
         frame_deadline = math.inf
         while True:
-            buffered = fed - unpacker.tell()
+            buffered = fed - frame_start
             room = srv.max_message_bytes - buffered
             if room <= 0:
                 await self._fail(RpcError(ErrorCode.TOO_LARGE,
@@ -170,9 +173,10 @@ class Connection:
                     await self._fail(ProtocolError(ErrorCode.MALFORMED,
                                                    f"cannot decode the frame: {exc}"[:300]))
                     return
+                frame_start = unpacker.tell()
                 if not await self._handle(frame, requests):
                     return
-            if fed > unpacker.tell():
+            if fed > frame_start:
                 if frame_deadline == math.inf:
                     frame_deadline = trio.current_time() + srv.read_timeout_s
             else:
