@@ -1,0 +1,151 @@
+"""Start, stop and restart real daemons: sd_notify, SIGTERM, socket activation, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from chai_client import Client
+from daemonkit import BASE_ENV, LONG, REPO, Daemon, Reader, raw_connect, send
+
+pytestmark = pytest.mark.integration
+
+RED = "a red circle moving left over a grassy field"
+BLUE = "a blue square bouncing over a grassy field"
+
+
+class NotifyListener:
+    """A stand-in for systemd's notification socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def drain(self, timeout: float = 0.2) -> list[str]:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+        except (TimeoutError, BlockingIOError):
+            pass
+        return self.messages
+
+    def lines(self) -> list[str]:
+        return [line for m in self.drain() for line in m.splitlines()]
+
+
+def _generate_in_thread(daemon: Daemon, out: dict, **params) -> tuple[threading.Thread, socket.socket]:
+    """Start a generation on a raw socket; the thread stores the response frame."""
+    s = raw_connect(daemon.socket, timeout=120)
+    reader = Reader(s)
+    send(s, "generate", {"progress": True, **params}, msgid=5)
+    first = reader.next()
+    assert first[0] == 2, first  # a progress notification: the job runs
+
+    def wait() -> None:
+        while True:
+            frame = reader.next()
+            if frame is None or frame[0] == 1:
+                out["frame"] = frame
+                return
+
+    t = threading.Thread(target=wait)
+    t.start()
+    return t, s
+
+
+def test_sigterm_drains_then_restart_keeps_the_cache(tmp_path):
+    notify = NotifyListener(tmp_path / "notify.sock")
+    work = tmp_path / "a"
+    daemon = Daemon(work, env={"NOTIFY_SOCKET": str(notify.path)},
+                    config="[server]\ngrace_period_s = 60\n").start()
+    try:
+        assert "READY=1" in notify.lines()
+        with Client(daemon.socket) as c:
+            miss = c.generate(RED)
+        assert miss.cache == "miss"
+        # SIGTERM during a generation: it completes, then the daemon exits 0.
+        out: dict = {}
+        t, s = _generate_in_thread(daemon, out, prompt="finish me", cache="off", steps=30,
+                                   **LONG)
+        daemon.signal(signal.SIGTERM)
+        t.join(60)
+        s.close()
+        frame = out["frame"]
+        assert frame[2] is None and frame[3]["steps"] == 30, frame
+        assert daemon.proc.wait(60) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    lines = notify.lines()
+    assert "STOPPING=1" in lines and any(x.startswith("STATUS=") for x in lines), lines
+    assert not daemon.socket.exists()  # a bound socket is removed at exit
+
+    # The entry survives the restart: the entity-sharing prompt hits it.
+    daemon = Daemon(work).start()
+    try:
+        with Client(daemon.socket) as c:
+            hit = c.generate(BLUE)
+        assert hit.cache == "hit" and hit.steps == 8 and hit.matched.prompt == RED
+        # SIGKILL after a committed miss: the store reopens with every committed entry.
+        with Client(daemon.socket) as c:
+            c.generate("a purple hexagon in a dark cave")
+        daemon.signal(signal.SIGKILL)
+        daemon.proc.wait(30)
+    finally:
+        daemon.kill()
+    check = subprocess.run([sys.executable, "-m", "chaid", "cache", "check", "--data-dir",
+                            str(daemon.data_dir), "--json"], capture_output=True, text=True,
+                           cwd=REPO, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert report["ok"] and report["entries"] == 2, report
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate is not installed")
+def test_socket_activation_and_grace_period(tmp_path):
+    notify = NotifyListener(tmp_path / "notify.sock")
+    sock_path = tmp_path / "activated.sock"
+    env = {**BASE_ENV, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(notify.path)}
+    prefix = ["systemd-socket-activate", "-l", str(sock_path)]
+    for key, value in env.items():
+        prefix += ["-E", f"{key}={value}"]
+    daemon = Daemon(tmp_path / "b", socket_path=sock_path, command=prefix,
+                    config="[server]\ngrace_period_s = 0.5\n",
+                    args=[])
+    # The daemon's own --socket must not be used: point it somewhere else.
+    daemon.cmd[daemon.cmd.index("--socket") + 1] = str(tmp_path / "unused.sock")
+    daemon.start(wait=False)
+    try:
+        deadline = time.monotonic() + 90
+        while not sock_path.exists():  # systemd-socket-activate binds it first
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with Client(sock_path, timeout=90) as c:  # the first connection launches it
+            assert c.ping()["pong"]
+        assert "READY=1" in notify.lines()
+        assert not (tmp_path / "unused.sock").exists()
+        # Grace period over: the in-flight job is cancelled with a clear error; exit 0.
+        out: dict = {}
+        t, s = _generate_in_thread(daemon, out, prompt="too slow", cache="off", steps=200,
+                                   **LONG)
+        daemon.signal(signal.SIGTERM)
+        t.join(60)
+        s.close()
+        error = out["frame"][2]
+        assert error["code"] == "shutting_down", out
+        assert daemon.proc.wait(60) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    assert "STOPPING=1" in notify.lines()
+    assert sock_path.exists()  # an inherited socket belongs to the service manager
