@@ -227,6 +227,9 @@ def parse_frame(frame: Any) -> Request:
         params = {}
     if not isinstance(params, dict):
         raise RpcError(ErrorCode.INVALID_PARAMS, "params must be a map", {"id": msgid})
+    if not all(isinstance(k, str) for k in params):
+        raise RpcError(ErrorCode.INVALID_PARAMS, "parameter names must be strings",
+                       {"id": msgid})
     if depth(params) > MAX_DEPTH:
         raise RpcError(ErrorCode.INVALID_PARAMS, "params are nested too deeply", {"id": msgid})
     return Request(msgid, method, params)
