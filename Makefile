@@ -6,7 +6,6 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch that lies on this machine kind's disk; a CUDA box installs its own
 # torch first (see docs) and `make setup` leaves it alone because the range is satisfied.
 TORCH_SPEC ?= torch==2.13.0
-DEMO_PROMPT ?= a red circle moving to the left across a grassy field
 
 .PHONY: setup demo test lint gpu-check clean
 
@@ -20,9 +19,10 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Starts a daemon on a temporary socket, runs a short session through the client (a miss,
+# two entity-sharing hits, an unrelated miss), prints the table, writes demo-out/, stops it.
 demo: setup
-	mkdir -p out
-	$(VENV)/bin/chaid generate "$(DEMO_PROMPT)" -o out/demo.mp4 --json
+	$(VENV)/bin/chaid demo --out demo-out
 
 test: setup
 	$(PY) -m pytest -q
@@ -38,4 +38,4 @@ lint: setup
 	$(VENV)/bin/ruff check chaid tests client
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out demo-out .pytest_cache

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from chaid import __version__
 from chaid.config import load_settings
+from chaid.demo import register_demo
 from chaid.errors import ChaidError
 from chaid.server.cli import register_serve
 from chaid.shapes.cli import register as register_shapes
@@ -150,6 +151,7 @@ class ProgressBar:
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_generate,
     register_serve,
+    register_demo,
     register_cache,
     register_bench,
     register_shapes,
