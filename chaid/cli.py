@@ -19,9 +19,9 @@ from chaid import __version__
 from chaid.config import load_settings
 from chaid.demo import register_demo
 from chaid.errors import ChaidError
-from chaid.server.cli import register_serve
+from chaid.server.cli import register_bench_rpc, register_serve
 from chaid.shapes.cli import register as register_shapes
-from chaid.store.cli import register_bench, register_cache
+from chaid.store.cli import BENCH_COMMANDS, register_bench, register_cache
 
 log = logging.getLogger("chaid")
 
@@ -146,6 +146,8 @@ class ProgressBar:
         self.stream.write(f"\rdenoising [{'#' * self.WIDTH}] done in {elapsed:.1f}s{' ' * 12}\n")
         self.stream.flush()
 
+
+BENCH_COMMANDS.append(register_bench_rpc)
 
 # Each entry adds one sub-command; modules that grow commands add their register here.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -26,6 +26,13 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def register_bench_rpc(bench_sub: argparse._SubParsersAction) -> None:
+    """``chaid bench rpc`` (the module is imported only when the command runs)."""
+    from chaid.server.bench import register_bench_rpc as register
+
+    register(bench_sub)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from chaid.config import load_settings
 
