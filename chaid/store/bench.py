@@ -37,6 +37,11 @@ VECTOR_ALLOWANCE = 8 << 10
 SEARCH_K_SWEEP = (500, 1000, 2000, 4000, 8000, 16000, 32000)
 # Payload of the latency stores: the lookup never reads latents, so size does not matter.
 LATENCY_PAYLOAD = 96
+# Keys of LookupResult.timings_ms broken down in the latency report: spaCy, the embedding
+# forward (entities and prompt), Annoy searches + scoring + tie-break + record read, the
+# tie-break's own part, and the prompt-only forward a tie needs when the entities were
+# memoised.
+LOOKUP_STAGES = ("entities", "embed", "search", "pick", "embed_prompt", "total")
 
 
 def load_prompts(path: Path) -> list[str]:
@@ -165,13 +170,15 @@ def latency_and_recall(
         build_s = time.perf_counter() - t0
         # Cold: no entity memo (every entity goes through the model); warm: entities memoised.
         analyzer.embedder._memo.clear()
-        cold, warm, hits = [], [], 0
+        cold: list[dict[str, float]] = []
+        warm: list[dict[str, float]] = []
+        hits = 0
         for prompt in queries:
             res = cache.lookup(prompt, FINGERPRINT, shape, touch=False)
-            cold.append(res.timings_ms["total"])
+            cold.append(res.timings_ms)
             hits += res.hit
         for prompt in queries:
-            warm.append(cache.lookup(prompt, FINGERPRINT, shape, touch=False).timings_ms["total"])
+            warm.append(cache.lookup(prompt, FINGERPRINT, shape, touch=False).timings_ms)
         recall = _recall(cache, analyses)
         items = cache.index.built_size
     finally:
@@ -181,9 +188,23 @@ def latency_and_recall(
         "entries": size, "items": items, "fill_s": round(fill_s, 2),
         "index_build_s": round(build_s, 2), "queries": len(queries),
         "query_hit_rate": round(hits / len(queries), 4),
-        "lookup_ms_cold": _percentiles(cold), "lookup_ms_warm": _percentiles(warm),
+        "lookup_ms_cold": _percentiles([t["total"] for t in cold]),
+        "lookup_ms_warm": _percentiles([t["total"] for t in warm]),
+        "stages_ms_cold": _stages(cold), "stages_ms_warm": _stages(warm),
         "recall_at_1": recall,
     }
+
+
+def _stages(timings: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """p50 and mean of each lookup stage (a stage a lookup skipped counts as 0 ms) and the
+    share of lookups that ran it."""
+    out = {}
+    for stage in LOOKUP_STAGES:
+        values = np.asarray([t.get(stage, 0.0) for t in timings])
+        out[stage] = {"p50": round(float(np.percentile(values, 50)), 3),
+                      "mean": round(float(values.mean()), 3),
+                      "ran": round(sum(stage in t for t in timings) / len(timings), 3)}
+    return out
 
 
 def _recall(cache: LatentCache, analyses: Sequence[PromptAnalysis]) -> dict[str, float]:
@@ -262,6 +283,8 @@ def run_cache_bench(
             "prompt_threshold": base.prompt_threshold,
             "search_k": base.search_k,
             "index_trees": base.index_trees,
+            "embedder_precision": analyzer.embedder.precision,
+            "embedder_packs": analyzer.embedder.packs,
             "analyse_seconds": round(analyse_s, 2),
             "results": results,
             "lookup_ms": ({"entries": largest["entries"], **largest["lookup_ms_cold"],

@@ -357,26 +357,30 @@ class LatentCache:
         records a hit for the eviction policy (a dry run passes False); ``benefit`` is the
         work the hit saves, for LCBFU (default: the match score).
         """
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        # Entity matching needs the prompt's own vector only to break a tie: computed then.
-        analysis = self._analysis(prompt, with_prompt_vector=matching != "entity")
+        # Entity matching needs the prompt's own vector only to break a tie: computed then,
+        # unless the model runs for a new entity anyway.
+        analysis = self._analysis(prompt, with_prompt_vector=matching != "entity",
+                                  timings=timings)
         t1 = time.perf_counter()
         namespace = (fingerprint, tuple(int(n) for n in latent_shape))
         if matching == "entity":
-            result = self._lookup_entities(analysis, namespace)
+            result = self._lookup_entities(analysis, namespace, timings)
         elif matching == "prompt":
             result = self._lookup_prompt(analysis, namespace)
         else:
             raise StoreError(f"matching must be 'entity' or 'prompt', not {matching!r}")
         t2 = time.perf_counter()
-        result.timings_ms = {"analyse": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3,
-                             "total": (t2 - t0) * 1e3}
+        timings.update(analyse=(t1 - t0) * 1e3, search=(t2 - t1) * 1e3, total=(t2 - t0) * 1e3)
+        result.timings_ms = timings
         if result.hit and touch:
             self.policy.touch(result.entry_id, self.clock(),
                               result.score if benefit is None else benefit)
         return result
 
-    def _lookup_entities(self, analysis: PromptAnalysis, namespace: tuple) -> LookupResult:
+    def _lookup_entities(self, analysis: PromptAnalysis, namespace: tuple,
+                         timings: dict[str, float]) -> LookupResult:
         threshold = self.settings.entity_threshold
         result = LookupResult(hit=False, matching="entity", entities=analysis.entities,
                               threshold=threshold)
@@ -389,9 +393,10 @@ class LatentCache:
             lambda e: self.policy.eligible(e, namespace),
         )
         result.candidates = len(candidates)
+        t0 = time.perf_counter()
         while candidates:
             winner, prompt_cos = pick_winner(
-                candidates, lambda ids: self._prompt_cosines(ids, analysis))
+                candidates, lambda ids: self._prompt_cosines(ids, analysis, timings))
             with self.db.read() as txn:
                 record = self.db.get_record(txn, winner.entry_id)
             if record is None:  # evicted since the search: try the next best
@@ -407,6 +412,7 @@ class LatentCache:
                 for q, (cos, c) in sorted(winner.best.items())
             ]
             break
+        timings["pick"] = (time.perf_counter() - t0) * 1e3
         return result
 
     def _lookup_prompt(self, analysis: PromptAnalysis, namespace: tuple) -> LookupResult:
@@ -451,13 +457,15 @@ class LatentCache:
                 self._prompt_matrix = (ids, matrix)
             return self._prompt_matrix
 
-    def _prompt_cosines(self, entry_ids: list[int], analysis: PromptAnalysis
-                        ) -> dict[int, float]:
+    def _prompt_cosines(self, entry_ids: list[int], analysis: PromptAnalysis,
+                        timings: dict[str, float]) -> dict[int, float]:
         vector = analysis.prompt_vector
         if vector is None:
             if self.analyzer is None:
                 return {}
+            t0 = time.perf_counter()
             vector = self.analyzer.prompt_vector(analysis.prompt)
+            timings["embed_prompt"] = (time.perf_counter() - t0) * 1e3
         out = {}
         with self.db.read() as txn:
             for entry_id in entry_ids:
@@ -515,8 +523,8 @@ class LatentCache:
             "lmdb": self.db.stat(),
         }
 
-    def _analysis(self, prompt: str | PromptAnalysis,
-                  with_prompt_vector: bool = True) -> PromptAnalysis:
+    def _analysis(self, prompt: str | PromptAnalysis, with_prompt_vector: bool = True,
+                  timings: dict[str, float] | None = None) -> PromptAnalysis:
         if isinstance(prompt, PromptAnalysis):
             if with_prompt_vector and prompt.prompt_vector is None:
                 if self.analyzer is None:
@@ -526,7 +534,7 @@ class LatentCache:
             return prompt
         if self.analyzer is None:
             raise StoreError("this cache has no analyzer: pass a PromptAnalysis")
-        return self.analyzer.analyse(prompt, with_prompt_vector)
+        return self.analyzer.analyse(prompt, with_prompt_vector, timings)
 
     # -- index maintenance ------------------------------------------------------------------
 

@@ -175,6 +175,8 @@ def _register_bench_cache(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the embedder (default 1; 0: torch's default)")
+    p.add_argument("--embedder-precision", default="float32", choices=("float32", "bfloat16"),
+                   help="arithmetic of the embedder's linear layers (store.embedder_precision)")
     p.add_argument("--work-dir", type=Path, help="where the stores go (default: a temp dir)")
     p.add_argument("--plot", type=Path, help="also draw hit rate vs budget as a PNG "
                    "(needs matplotlib)")
@@ -189,7 +191,8 @@ def _cmd_bench_cache(args: argparse.Namespace) -> int:
     from chaid.store.analysis import Analyzer
     from chaid.store.bench import load_prompts, run_cache_bench
 
-    settings = StoreSettings(embedder_threads=args.threads)
+    settings = StoreSettings(embedder_threads=args.threads,
+                             embedder_precision=args.embedder_precision).validate()
     report = run_cache_bench(
         load_prompts(args.prompts), Analyzer.from_settings(settings),
         payload_bytes=args.payload_bytes, budget_entries=_ints(args.budgets),

@@ -91,3 +91,6 @@ def test_bench_cache_report(vbench_prompts, tmp_path, capsys):
     assert by[("entity", 50)] >= by[("entity", 5)]
     assert report["lookup_ms"]["entries"] == 400 and report["lookup_ms"]["p50"] > 0
     assert [row["entries"] for row in report["latency"]] == [200, 400]
+    stages = report["latency"][-1]["stages_ms_cold"]
+    assert stages["total"]["p50"] > 0 and stages["entities"]["ran"] == 1.0
+    assert report["embedder_precision"] == "float32" and report["embedder_packs"]

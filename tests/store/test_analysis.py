@@ -1,0 +1,89 @@
+"""The lookup's fast paths give what the plain paths give: packed embedding, the parse
+without the lemmatizer, bfloat16 linear layers; and the lookup reports its stage timings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chaid.store.analysis import PACK_MAX_TEXTS, Embedder
+from chaid.store.cache import LatentCache
+from chaid.store.errors import StoreError
+from chaid.store.settings import StoreSettings
+
+SHAPE = (4, 3, 8, 8)
+
+
+def _texts(analyzer, prompts: list[str], count: int) -> list[str]:
+    """Prompts and their entities: the texts a lookup embeds."""
+    out: list[str] = []
+    for prompt in prompts[:count]:
+        out.extend(analyzer.extractor(prompt))
+        out.append(prompt)
+    return out
+
+
+def test_packed_forward_equals_padded_batches(analyzer, vbench_prompts):
+    emb = analyzer.embedder
+    assert emb.packs  # MiniLM is BERT-style with mean pooling
+    texts = _texts(analyzer, vbench_prompts, 60)
+    # Lookup-sized groups (a prompt and its entities) through the packed path ...
+    packed = np.concatenate([emb.embed_uncached(texts[i:i + 4])
+                             for i in range(0, len(texts), 4)])
+    # ... against sentence-transformers' padded batches, the reference.
+    padded = emb._encode_padded(texts)
+    assert np.abs(packed - padded).max() < 1e-5
+    # A batch of many texts takes the padded path and agrees as well.
+    assert len(texts) > PACK_MAX_TEXTS
+    assert np.abs(emb.embed_uncached(texts) - padded).max() < 1e-5
+
+
+def test_packed_forward_handles_long_and_single_token_texts(analyzer):
+    emb = analyzer.embedder
+    texts = ["fox", "a " * 300 + "fox", "red fox"]  # the second is truncated to 256 tokens
+    assert np.abs(emb.embed_uncached(texts) - emb._encode_padded(texts)).max() < 1e-5
+
+
+def test_entities_do_not_need_the_lemmatizer(analyzer, vbench_prompts):
+    ex = analyzer.extractor
+    prompts = vbench_prompts[:200]
+    with_lemmas = [ex._entities(ex.nlp(p)) for p in prompts]  # every pipe runs
+    assert [ex(p) for p in prompts] == with_lemmas
+    assert ex.many(prompts) == with_lemmas
+    # The calibration's head lemmas still come from the full pipeline.
+    assert ex.heads("two red foxes") == [("red foxes", "fox")]
+
+
+def test_bfloat16_embedder_stays_in_the_float32_space(analyzer, vbench_prompts):
+    bf16 = Embedder(precision="bfloat16")
+    if bf16.precision != "bfloat16":
+        pytest.skip("no native bfloat16 on this CPU")
+    assert bf16.name == analyzer.embedder.name  # stores accept either precision
+    texts = _texts(analyzer, vbench_prompts, 100)
+    ref = analyzer.embedder.embed_uncached(texts)
+    got = np.concatenate([bf16.embed_uncached(texts[i:i + 4]) for i in range(0, len(texts), 4)])
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert (got * ref).sum(axis=1).min() > 0.9995
+    # Pairwise cosines (what the threshold judges) move by a few thousandths at most
+    # (measured on all VBench entities: max 0.003, mean 0.0005).
+    drift = np.abs(got @ got.T - ref @ ref.T).max()
+    assert drift < 5e-3
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(StoreError, match="embedder_precision"):
+        StoreSettings(embedder_precision="float16").validate()
+
+
+def test_lookup_reports_stage_timings(tmp_path, analyzer):
+    settings = StoreSettings(data_dir=tmp_path / "store", map_bytes=1 << 20)
+    latents = {s: np.zeros(SHAPE, np.float32) for s in (2, 3, 4)}
+    with LatentCache.open(settings, analyzer) as cache:
+        cache.insert("a dog running in a park", latents, "fp")
+        cache.insert("a dog sleeping in a park", latents, "fp")
+        res = cache.lookup("a dog in a park at night", "fp", SHAPE, touch=False)
+    assert res.hit
+    t = res.timings_ms
+    assert {"entities", "embed", "analyse", "search", "pick", "total"} <= set(t)
+    assert t["total"] >= t["analyse"] >= t["entities"]
+    assert t["search"] >= t["pick"]
