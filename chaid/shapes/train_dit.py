@@ -58,10 +58,10 @@ class DitTrainConfig:
     # Fraction of captions replaced by the null caption (needed for guidance).
     caption_dropout: float = 0.1
     # Pre-rendered, pre-encoded clips; more clips, less over-fitting, longer start-up.
-    dataset_size: int = 10000
+    dataset_size: int = 8000
     # Phrasings encoded per scene: more, more language variety and more memory
-    # (10000 x 3 MiniLM states of 32 x 384 in fp16 is 0.7 GB).
-    prompts_per_scene: int = 3
+    # (8000 x 2 MiniLM states of 32 x 384 in fp16 is 0.4 GB).
+    prompts_per_scene: int = 2
     # Clips rendered and encoded per VAE call while building the dataset.
     encode_batch: int = 64
     grad_clip: float = 1.0
