@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from chaid.errors import ChaidError, WeightsError
+from chaid.models.shapes_vae import load_shapes_vae
 from chaid.models.stdit3 import STDiT3, STDiT3Config
-from chaid.models.text import HashTextEncoder, TextEncoder
+from chaid.models.text import HashTextEncoder, MiniLMTextEncoder, TextEncoder
 from chaid.models.vae import PoolingAutoencoder, VideoAutoencoder
 from chaid.models.weights import load_weights
 
@@ -89,9 +90,9 @@ PRESETS: dict[str, ModelSpec] = {
             model_max_length=32,
             input_sq_size=64,
         ),
-        text_encoder=_hash_encoder,
-        vae=lambda: PoolingAutoencoder(spatial_factor=8),
-        frames=8,
+        text_encoder=lambda cfg: MiniLMTextEncoder(cfg.model_max_length),
+        vae=load_shapes_vae,
+        frames=16,
         height=64,
         width=64,
         fps=8,

@@ -132,3 +132,17 @@ def test_shipped_vae_reconstructs_held_out_renders():
 
 # Floor for the shipped VAE's reconstruction PSNR (dB) on a handful of clips.
 MIN_SHIPPED_PSNR = 20.0
+
+
+@pytest.mark.skipif(not SHAPES_VAE_WEIGHTS.is_file(), reason="no shipped VAE weights")
+def test_tiny_shapes_preset_uses_the_shipped_vae_and_minilm():
+    from chaid.models import get_spec
+    from chaid.models.text import MiniLMTextEncoder
+
+    spec = get_spec("tiny-shapes")
+    vae = spec.vae()
+    assert isinstance(vae, ShapesVAE)
+    assert vae.latent_shape(spec.frames, spec.height, spec.width) == (4, 8, 8, 8)
+    encoder = spec.text_encoder(spec.dit)
+    assert isinstance(encoder, MiniLMTextEncoder)
+    assert (encoder.dim, encoder.max_length) == (384, 32)
