@@ -12,7 +12,6 @@ import argparse
 import importlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 from chaid.errors import ChaidError
@@ -85,9 +84,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ChaidError(f"training {args.target} is not available in this version") from None
     # Training reports progress through logging; show it even without -v.
     logging.getLogger("chaid.shapes").setLevel(logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger("chaid.shapes").addHandler(handler)
     report = trainer.cli_train(args.out, args.seed, args.steps)
     print(json.dumps(report))
     return 0
