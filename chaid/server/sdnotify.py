@@ -36,13 +36,20 @@ class Notifier:
         return self.address is not None
 
     def send(self, *fields: str) -> None:
-        """Send ``KEY=VALUE`` lines in one datagram; failures are logged, never raised."""
+        """Send ``KEY=VALUE`` lines in one datagram; failures are logged, never raised.
+
+        Non-blocking: this runs on the event loop, and a service manager that does not read
+        its queue must not stall the daemon (the message is dropped instead).
+        """
         if self.address is None:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)
                 sock.connect(self.address)
-                sock.sendall("\n".join(fields).encode())
+                sock.send("\n".join(fields).encode())
+        except BlockingIOError:
+            log.debug("sd_notify queue full; dropped %s", fields[0])
         except OSError as exc:
             log.warning("sd_notify to %s failed: %s", self.address.lstrip("\0"), exc)
 

@@ -12,7 +12,7 @@ import time
 
 import msgpack
 import pytest
-from chai_client import AsyncClient, BusyError, Client, InvalidParams
+from chai_client import AsyncClient, BusyError, Client, InvalidParams, RpcError
 from daemonkit import LONG, Reader, call, raw_connect, send
 
 pytestmark = pytest.mark.integration
@@ -346,3 +346,37 @@ def test_admin_calls_as_owner(shared_daemon):
         assert out == {"evicted": [victim], "missing": [999999]}
         with pytest.raises(InvalidParams):
             c.cache_evict([])
+
+
+def test_deadline_inflight_limit_and_duplicate_ids(shared_daemon):
+    with Client(shared_daemon.socket) as c:
+        with pytest.raises(RpcError) as err:
+            c.generate("too slow", cache="off", steps=200, deadline_s=0.3, **LONG)
+        assert err.value.code == "deadline_exceeded"
+        assert err.value.data["steps_done"] < 200
+    with raw_connect(shared_daemon.socket) as s:
+        reader = Reader(s)
+        for i in range(1, 10):  # 8 may be in flight; the 9th is refused at once
+            send(s, "generate", {"prompt": f"pipelined {i}", "cache": "off", "steps": 200,
+                                 **LONG}, msgid=i)
+        send(s, "generate", {"prompt": "same id", "cache": "off", "steps": 1}, msgid=3)
+        send(s, "ping", msgid=100)
+        codes = {}
+        while len(codes) < 3:
+            frame = reader.next()
+            if frame[0] == 1:
+                codes[frame[1]] = frame[2]["code"] if frame[2] else "ok"
+        assert codes == {9: "too_many_requests", 3: "invalid_params", 100: "ok"}, codes
+    deadline = time.monotonic() + 15
+    while _stats(shared_daemon)["queue"]["running"] is not None:  # the close cancelled them
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_prompt_without_entities_and_cache_warm(shared_daemon):
+    with Client(shared_daemon.socket) as c:
+        result = c.generate("it")  # no noun chunk: a miss that still caches its latents
+        assert result.cache == "miss" and result.entities == []
+        warmed = c.cache_warm("a white circle rising over the night sky")
+        assert warmed["entry_id"] is not None and warmed["steps"] == 30
+        assert c.generate("a green square over the night sky").cache == "hit"

@@ -23,25 +23,30 @@ BLUE = "a blue square bouncing over a grassy field"
 
 
 class NotifyListener:
-    """A stand-in for systemd's notification socket."""
+    """A stand-in for systemd's notification socket, read continuously like systemd does."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
         self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
-    def drain(self, timeout: float = 0.2) -> list[str]:
-        self.sock.settimeout(timeout)
-        try:
-            while True:
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
                 self.messages.append(self.sock.recv(4096).decode())
-        except (TimeoutError, BlockingIOError):
-            pass
-        return self.messages
+            except TimeoutError:
+                pass
+            except OSError:
+                return
 
     def lines(self) -> list[str]:
-        return [line for m in self.drain() for line in m.splitlines()]
+        time.sleep(0.15)  # what was sent has been read
+        return [line for m in list(self.messages) for line in m.splitlines()]
 
 
 def _generate_in_thread(daemon: Daemon, out: dict, **params) -> tuple[threading.Thread, socket.socket]:
@@ -67,10 +72,13 @@ def _generate_in_thread(daemon: Daemon, out: dict, **params) -> tuple[threading.
 def test_sigterm_drains_then_restart_keeps_the_cache(tmp_path):
     notify = NotifyListener(tmp_path / "notify.sock")
     work = tmp_path / "a"
-    daemon = Daemon(work, env={"NOTIFY_SOCKET": str(notify.path)},
-                    config="[server]\ngrace_period_s = 60\n").start()
+    daemon = Daemon(work, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
+                    config="[server]\ngrace_period_s = 60\n",
+                    args=["--log-format", "json"]).start()
     try:
-        assert "READY=1" in notify.lines()
+        time.sleep(0.3)
+        lines = notify.lines()
+        assert "READY=1" in lines and "WATCHDOG=1" in lines, lines
         with Client(daemon.socket) as c:
             miss = c.generate(RED)
         assert miss.cache == "miss"
@@ -86,6 +94,10 @@ def test_sigterm_drains_then_restart_keeps_the_cache(tmp_path):
         assert daemon.proc.wait(60) == 0, daemon.log()
     finally:
         daemon.kill()
+    events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    ready = next(e for e in events if e["msg"] == "ready")
+    assert ready["level"] == "info" and ready["entries"] == 0 and "fingerprint" in ready
+    assert any(e["msg"] == "generated" and e["cache"] == "miss" for e in events)
     lines = notify.lines()
     assert "STOPPING=1" in lines and any(x.startswith("STATUS=") for x in lines), lines
     assert not daemon.socket.exists()  # a bound socket is removed at exit

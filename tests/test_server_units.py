@@ -1,0 +1,85 @@
+"""Server pieces without a daemon: sd_notify, access policy, socket binding."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+
+import pytest
+import trio
+
+from chaid.server.listeners import ListenerError, bind_socket, inherited_sockets, release
+from chaid.server.peercred import AccessPolicy, PeerCredentials, peer_credentials
+from chaid.server.sdnotify import Notifier
+
+
+def test_notify_never_blocks_on_a_full_queue(tmp_path):
+    path = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))  # never read: its queue fills up
+    notifier = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+    assert notifier.enabled and notifier.watchdog_s == 1.0
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        notifier.watchdog()
+    assert time.perf_counter() - t0 < 5
+    assert listener.recv(100) == b"WATCHDOG=1"
+    assert not Notifier({}).enabled
+    assert Notifier({"NOTIFY_SOCKET": "@abstract"}).address == "\0abstract"
+    assert Notifier({"WATCHDOG_USEC": "5", "WATCHDOG_PID": "1"}).watchdog_s is None
+
+
+def _peer(uid: int, *groups: int) -> PeerCredentials:
+    return PeerCredentials(pid=1, uid=uid, gid=groups[0] if groups else uid,
+                           groups=frozenset(groups or (uid,)))
+
+
+def test_access_policy():
+    open_policy = AccessPolicy.from_names([], [], [], [], owner_uid=500)
+    assert open_policy.allows(_peer(1234)) and not open_policy.is_admin(_peer(1234))
+    assert open_policy.is_admin(_peer(0)) and open_policy.is_admin(_peer(500))
+    policy = AccessPolicy.from_names(["1000"], ["2000"], ["1000"], ["3000"], owner_uid=500)
+    assert policy.allows(_peer(1000)) and policy.is_admin(_peer(1000))
+    assert policy.allows(_peer(1001, 7, 2000)) and not policy.is_admin(_peer(1001, 2000))
+    assert not policy.allows(_peer(1002, 3000))
+    assert not policy.is_admin(_peer(1002, 3000))  # admins must be allowed too
+    assert policy.allows(_peer(0)) and policy.allows(_peer(500))
+    with pytest.raises(Exception, match="unknown user"):
+        AccessPolicy.from_names(["no-such-user-here"], [], [], [])
+
+
+def test_bind_mode_stale_socket_and_peer_credentials(tmp_path):
+    # Inside trio: closing a trio socket tells its I/O manager.
+    trio.run(_bind_checks, tmp_path)
+
+
+async def _bind_checks(tmp_path):
+    path = tmp_path / "d" / "s.sock"
+    bound = bind_socket(path, 0o660, None)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    with pytest.raises(ListenerError, match="in use"):
+        bind_socket(path, 0o660, None)  # a live socket is never replaced
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(path))
+    server_side, _ = bound.sock._sock.accept()
+    creds = peer_credentials(server_side)
+    assert (creds.uid, creds.pid) == (os.getuid(), os.getpid())
+    assert os.getgid() in creds.groups
+    server_side.close()
+    client.close()
+    bound.sock.close()  # dies without unlinking: a stale file remains
+    assert path.exists()
+    again = bind_socket(path, 0o600, None)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    release(again)
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(ListenerError, match="not a socket"):
+        bind_socket(path, 0o660, None)
+
+
+def test_inherited_sockets_only_for_this_pid():
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
+    assert inherited_sockets(env) == [] and "LISTEN_FDS" in env
