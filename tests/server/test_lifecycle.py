@@ -79,8 +79,8 @@ def test_sigterm_drains_then_restart_keeps_the_cache(tmp_path):
         time.sleep(0.3)
         lines = notify.lines()
         assert "READY=1" in lines and "WATCHDOG=1" in lines, lines
-        with Client(daemon.socket) as c:
-            miss = c.generate(RED)
+        persistent = Client(daemon.socket)  # kept open across the restart below
+        miss = persistent.generate(RED)
         assert miss.cache == "miss"
         # SIGTERM during a generation: it completes, then the daemon exits 0.
         out: dict = {}
@@ -105,8 +105,8 @@ def test_sigterm_drains_then_restart_keeps_the_cache(tmp_path):
     # The entry survives the restart: the entity-sharing prompt hits it.
     daemon = Daemon(work).start()
     try:
-        with Client(daemon.socket) as c:
-            hit = c.generate(BLUE)
+        hit = persistent.generate(BLUE)  # the client reconnects by itself
+        persistent.close()
         assert hit.cache == "hit" and hit.steps == 8 and hit.matched.prompt == RED
         # SIGKILL after a committed miss: the store reopens with every committed entry.
         with Client(daemon.socket) as c:
