@@ -100,6 +100,11 @@ class ServerSettings:
     max_inflight_per_connection: int = 8
     # Open connections; more are answered "busy" and closed.
     max_connections: int = 128
+    # Requests per second each user may send (a token bucket of rate_burst tokens); root
+    # and the daemon's own user are exempt, and so are ping and cancel. It bounds the CPU
+    # one local user can take with lookups; 0 turns the limit off.
+    rate_per_s: float = 20.0
+    rate_burst: int = 100
     # A frame that has started must arrive whole within this many seconds (slow-loris guard).
     read_timeout_s: float = 10.0
     # A client that does not read its responses for this long is disconnected.
@@ -206,6 +211,8 @@ class Settings:
                 raise ConfigError(f"server.{name} must be positive, not {getattr(srv, name)}")
         if srv.grace_period_s < 0:
             raise ConfigError(f"server.grace_period_s must be >= 0, not {srv.grace_period_s}")
+        if srv.rate_per_s < 0 or srv.rate_burst < 1:
+            raise ConfigError("server.rate_per_s must be >= 0 and server.rate_burst >= 1")
         if srv.torch_threads < 0:
             raise ConfigError(f"server.torch_threads must be >= 0, not {srv.torch_threads}")
         if srv.log_format not in ("text", "json"):

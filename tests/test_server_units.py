@@ -11,7 +11,12 @@ import pytest
 import trio
 
 from chaid.server.listeners import ListenerError, bind_socket, inherited_sockets, release
-from chaid.server.peercred import AccessPolicy, PeerCredentials, peer_credentials
+from chaid.server.peercred import (
+    AccessPolicy,
+    PeerCredentials,
+    RateLimiter,
+    peer_credentials,
+)
 from chaid.server.sdnotify import Notifier
 
 
@@ -83,3 +88,14 @@ async def _bind_checks(tmp_path):
 def test_inherited_sockets_only_for_this_pid():
     env = {"LISTEN_PID": "1", "LISTEN_FDS": "1"}
     assert inherited_sockets(env) == [] and "LISTEN_FDS" in env
+
+
+def test_rate_limiter_token_bucket():
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [limiter.take(7) for _ in range(3)] == [None, None, None]
+    assert limiter.take(7) == pytest.approx(0.5)
+    assert limiter.take(8) is None  # buckets are per uid
+    now[0] = 0.5
+    assert limiter.take(7) is None and limiter.take(7) is not None
+    assert RateLimiter(rate=0, burst=1).take(7) is None

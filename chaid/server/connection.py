@@ -215,6 +215,15 @@ class Connection:
         if request.method in INLINE_METHODS:
             await self._dispatch(request)
             return True
+        if not self.daemon.access.privileged(self.peer):
+            wait = self.daemon.rate.take(self.peer.uid)
+            if wait is not None:
+                await self._answer_error(request, RpcError(
+                    ErrorCode.TOO_MANY_REQUESTS,
+                    f"uid {self.peer.uid} sends more than "
+                    f"{self.daemon.settings.server.rate_per_s:g} requests per second",
+                    {"retry_after_s": round(wait, 3)}))
+                return True
         if len(self.inflight) >= self.daemon.settings.server.max_inflight_per_connection:
             await self._answer_error(request, RpcError(
                 ErrorCode.TOO_MANY_REQUESTS,

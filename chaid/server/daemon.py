@@ -29,7 +29,7 @@ from chaid.protocol import PROTOCOL_VERSION, ErrorCode, Limits, Request, RpcErro
 from chaid.server.connection import Connection, Handler
 from chaid.server.listeners import BoundSocket, bind_socket, inherited_sockets, release
 from chaid.server.logs import fields
-from chaid.server.peercred import AccessPolicy, peer_credentials
+from chaid.server.peercred import AccessPolicy, RateLimiter, peer_credentials
 from chaid.server.sdnotify import Notifier
 from chaid.store.errors import StoreError
 
@@ -67,6 +67,7 @@ class Daemon:
         self.limits = Limits(srv.max_prompt_chars, srv.max_frames, srv.max_side,
                              srv.max_steps, srv.request_timeout_s)
         self.lookup_limiter = trio.CapacityLimiter(srv.lookup_threads)
+        self.rate = RateLimiter(srv.rate_per_s, srv.rate_burst, trio.current_time)
         self.worker = DeviceWorker(engine, srv.queue_size, self.lookup_limiter)
         self.connections: set[Connection] = set()
         self.draining = False

@@ -94,16 +94,42 @@ class AccessPolicy:
             frozenset(map(resolve_gid, admin_groups)),
         )
 
-    def _privileged(self, peer: PeerCredentials) -> bool:
+    def privileged(self, peer: PeerCredentials) -> bool:
+        """root or the daemon's own user: always allowed, admin, and never rate-limited."""
         return peer.uid in (0, self.owner_uid)
 
     def allows(self, peer: PeerCredentials) -> bool:
-        if self._privileged(peer) or not (self.allowed_uids or self.allowed_gids):
+        if self.privileged(peer) or not (self.allowed_uids or self.allowed_gids):
             return True
         return peer.uid in self.allowed_uids or bool(peer.groups & self.allowed_gids)
 
     def is_admin(self, peer: PeerCredentials) -> bool:
-        if self._privileged(peer):
+        if self.privileged(peer):
             return True
         return self.allows(peer) and (
             peer.uid in self.admin_uids or bool(peer.groups & self.admin_gids))
+
+
+class RateLimiter:
+    """A token bucket per uid: ``rate`` requests per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int, clock=None) -> None:
+        import time
+
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock or time.monotonic
+        self._buckets: dict[int, tuple[float, float]] = {}
+
+    def take(self, uid: int) -> float | None:
+        """None if the request may go ahead, else the seconds until it could."""
+        if self.rate <= 0:
+            return None
+        now = self.clock()
+        tokens, last = self._buckets.get(uid, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[uid] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        self._buckets[uid] = (tokens - 1.0, now)
+        return None

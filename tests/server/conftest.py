@@ -16,7 +16,7 @@ from daemonkit import Daemon  # noqa: E402
 
 # Settings of the shared daemon: a short read deadline so the slow-loris test is quick,
 # a socket anyone may open (peer credentials do the gating: root, its owner, and the
-# user "nobody" are allowed; nobody is not an admin).
+# user "nobody" are allowed; nobody is not an admin and may send 5 requests at once).
 SHARED_CONFIG = """
 [server]
 queue_size = 16
@@ -24,6 +24,8 @@ read_timeout_s = 1.0
 socket_mode = "0666"
 allowed_users = ["nobody"]
 grace_period_s = 5.0
+rate_per_s = 1.0
+rate_burst = 5
 """
 
 

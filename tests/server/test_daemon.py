@@ -299,8 +299,9 @@ def test_daemon_and_cache_survive_hostile_input(shared_daemon):
 # -- access control -------------------------------------------------------------------------
 
 
-def _as_user(uid: int, socket_path, method: str, params: dict) -> dict:
-    """Call a method from a child process running as ``uid``; returns the error or result."""
+def _as_user(uid: int, socket_path, method: str, params: dict, times: int = 1):
+    """Call a method from a child process running as ``uid``; returns the error or result
+    (a list of them when ``times`` > 1: the requests are pipelined on one connection)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: drop to uid, one request, report through the pipe
@@ -310,8 +311,15 @@ def _as_user(uid: int, socket_path, method: str, params: dict) -> dict:
             os.setgid(uid)
             os.setuid(uid)
             with raw_connect(socket_path, timeout=10) as s:
-                frame = call(s, method, params)
-            out = msgpack.packb(frame[2] or {"result": frame[3]})
+                if times == 1:
+                    frame = call(s, method, params)
+                    out = msgpack.packb(frame[2] or {"result": frame[3]})
+                else:
+                    for i in range(times):
+                        send(s, method, params, msgid=i)
+                    reader = Reader(s)
+                    frames = [reader.next() for _ in range(times)]
+                    out = msgpack.packb([f[2]["code"] if f[2] else "ok" for f in frames])
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             out = msgpack.packb({"code": "child", "message": repr(exc)})
         os.write(w, struct.pack("I", len(out)) + out)
@@ -334,6 +342,9 @@ def test_peer_credentials(shared_daemon):
     assert denied["code"] == "forbidden", denied
     not_admin = _as_user(nobody, shared_daemon.socket, "cache.clear", {})
     assert not_admin["code"] == "forbidden", not_admin
+    time.sleep(5)  # refill nobody's bucket (1 request/s, bursts of 5)
+    codes = _as_user(nobody, shared_daemon.socket, "stats", {}, times=8)
+    assert codes.count("ok") in (5, 6) and "too_many_requests" in codes, codes
     assert entries(shared_daemon) >= 1  # nothing was cleared
 
 
