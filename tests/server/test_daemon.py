@@ -132,7 +132,10 @@ def test_busy_when_queue_full(shared_daemon):
             send(s, "generate", {"prompt": f"filler {i}", "cache": "off", "steps": 200,
                                  **LONG})
             socks.append(s)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while _stats(shared_daemon)["queue"]["queued"] < 16:  # all arrived and queued
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         with pytest.raises(BusyError) as err:
             with Client(shared_daemon.socket) as c:
                 c.generate("one too many", cache="off", steps=1)
