@@ -64,6 +64,9 @@ def _unavailable(what: str) -> Callable[..., Any]:
     return build
 
 
+# Trained by `chaid shapes train dit` and shipped in the package.
+SHAPES_DIT_WEIGHTS = Path(__file__).resolve().parents[1] / "shapes" / "weights" / "dit.safetensors"
+
 # The released STDiT3-XL/2 (OpenSora 1.2): the defaults of STDiT3Config.
 OPENSORA_12 = STDiT3Config()
 
@@ -96,6 +99,7 @@ PRESETS: dict[str, ModelSpec] = {
         height=64,
         width=64,
         fps=8,
+        dit_weights=SHAPES_DIT_WEIGHTS,
     ),
     "tiny-test": ModelSpec(
         name="tiny-test",

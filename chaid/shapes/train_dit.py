@@ -269,6 +269,22 @@ def train_dit(
     return DitTrainReport(weights, step, time.perf_counter() - began, final)
 
 
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, model: str = "tiny-shapes"
+) -> Path:
+    """Write the EMA weights of a training checkpoint as ``dit.safetensors`` (fp16).
+
+    The learning rate has no decay, so the checkpoint at step N of a run equals the end of
+    a run of N steps with the same config: exporting it ships that run's weights.
+    """
+    state = torch.load(Path(checkpoint), weights_only=True)
+    dit = build_parts(model, init=True).dit
+    dit.load_state_dict(state["ema"])
+    return save_weights(
+        dit.half(), Path(out_dir) / WEIGHTS, metadata={"model": model, "steps": str(state["step"])}
+    )
+
+
 def cli_train(out: Path | None, seed: int, steps: int | None) -> dict:
     """`chaid shapes train dit`: train tiny-shapes; out None writes the shipped weights.
 
