@@ -319,6 +319,10 @@ def plot_hit_rates(report: dict, path: Path) -> None:
         ax.plot(xs, ys, marker="o", linestyle="-" if matching == "entity" else "--",
                 label=f"{matching} / {policy}")
     ax.set_xscale("log")
+    # Ticks at the measured budgets, labelled in plain MB (log-scale defaults read "3x10^1").
+    budgets_mb = sorted({x for points in lines.values() for x, _ in points})
+    ax.set_xticks(budgets_mb, [f"{mb:.0f}" for mb in budgets_mb])
+    ax.minorticks_off()
     ax.set_xlabel("cache budget (MB)")
     ax.set_ylabel("hit rate")
     ax.set_ylim(0, 1)

@@ -21,7 +21,7 @@ class StoreSettings:
     data_dir: Path = Path("chaid-cache")
     # Byte budget of the cached entries (latents + entity vectors); a write that would pass it
     # evicts first. 1 GiB holds ~780 entries of 1.3 MB: larger budgets raise the hit rate with
-    # diminishing returns (docs/store.md has the measured curve).
+    # diminishing returns (docs/cache.md has the measured curve).
     budget_bytes: int = 1 << 30
     # Eviction policy: lru (default), lfu, fifo or lcbfu (see chaid.store.policy).
     policy: str = "lru"
