@@ -1,6 +1,7 @@
 """Training the Shapes STDiT3 with OpenSora 1.2's rectified-flow objective.
 
-1. Dataset: ``dataset_size`` scenes are drawn from the Shapes world, rendered and encoded
+1. Dataset: ``dataset_size`` scenes are drawn from the Shapes world (without the held-out
+   combinations of chaid/shapes/heldout.py), rendered and encoded
    by the (frozen) VAE once; ``prompts_per_scene`` phrasings of each scene are encoded by
    the (frozen) text encoder once. Both are kept in memory as fp16; a step draws a scene
    and one of its phrasings.
@@ -33,6 +34,7 @@ from chaid.engine.sampler import NUM_TIMESTEPS, timestep_transform, transform_ra
 from chaid.models import ModelParts, build_parts
 from chaid.models.text import TextEmbedding
 from chaid.models.weights import save_weights
+from chaid.shapes.heldout import TRAINING_DISTRIBUTION
 from chaid.shapes.prompts import describe
 from chaid.shapes.world import render, sample_scene
 
@@ -111,7 +113,7 @@ def build_text_bank(
 def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.Generator):
     """Render and encode ``dataset_size`` clips → (latents fp16 (N, C, T, h, w), scenes)."""
     spec = parts.spec
-    scenes = [sample_scene(rng) for _ in range(cfg.dataset_size)]
+    scenes = [sample_scene(rng, TRAINING_DISTRIBUTION) for _ in range(cfg.dataset_size)]
     shape = parts.vae.latent_shape(spec.frames, spec.height, spec.width)
     latents = torch.empty((cfg.dataset_size, *shape), dtype=torch.float16)
     start = time.perf_counter()
