@@ -2,8 +2,8 @@
 
 The extractor and the embedder load their models once, at construction, and are then safe to
 call from several threads: spaCy's ``Language.__call__`` and a torch forward pass in
-inference mode hold no per-call state on the shared objects (the embedding memo has its own
-lock).
+inference mode hold no per-call state on the shared objects. The embedding memo and the
+tokenizer (whose settings transformers changes per call) each have a lock.
 """
 
 from __future__ import annotations
@@ -137,6 +137,11 @@ class Embedder:
             self.model.get_sentence_embedding_dimension)
         self.dim = int(get_dim())
         self.name = model_identity(Path(self.path), self.dim)
+        # A fast tokenizer is one Rust object whose truncation/padding settings transformers
+        # changes per call; a thread changing them while another tokenizes raises "Already
+        # borrowed" (huggingface/tokenizers#537). Packed calls (no padding) and padded
+        # ones (padding) differ, so every use of the tokenizer holds this lock.
+        self._tokenizer_lock = threading.Lock()
         self._packed = _PackedEncoder.for_model(self.model)
         if self._packed is not None and not self._packed.agrees_with(self._encode_padded):
             self._packed = None
@@ -196,17 +201,20 @@ class Embedder:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
         if self._packed is not None and len(texts) <= PACK_MAX_TEXTS:
-            token_ids = self._packed.tokenize(texts)
+            with self._tokenizer_lock:
+                token_ids = self._packed.tokenize(texts)
             if sum(len(ids) for ids in token_ids) <= PACK_MAX_TOKENS:
                 return self._packed.encode(token_ids)
         return self._encode_padded(texts, batch_size)
 
     def _encode_padded(self, texts: list[str], batch_size: int = 128) -> np.ndarray:
-        """sentence-transformers' own encoding: padded batches (the reference)."""
-        vecs = self.model.encode(
-            texts, batch_size=batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=False,
-        )
+        """sentence-transformers' own encoding: padded batches (the reference). It tokenizes
+        inside, so it holds the tokenizer lock throughout (bulk work, rare in a daemon)."""
+        with self._tokenizer_lock:
+            vecs = self.model.encode(
+                texts, batch_size=batch_size, normalize_embeddings=True,
+                convert_to_numpy=True, show_progress_bar=False,
+            )
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
 

@@ -3,6 +3,8 @@ without the lemmatizer, bfloat16 linear layers; and the lookup reports its stage
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,30 @@ def test_lookup_reports_stage_timings(tmp_path, analyzer):
     assert {"entities", "embed", "analyse", "search", "pick", "total"} <= set(t)
     assert t["total"] >= t["analyse"] >= t["entities"]
     assert t["search"] >= t["pick"]
+
+
+def test_packed_and_padded_calls_share_the_tokenizer_safely(analyzer):
+    # transformers changes the fast tokenizer's padding per call: without the embedder's
+    # tokenizer lock, a padded batch beside packed calls came back unpadded (ValueError)
+    # or raised "Already borrowed" (huggingface/tokenizers#537).
+    emb = analyzer.embedder
+    errors: list[BaseException] = []
+
+    def loop(call) -> None:
+        for i in range(300):
+            try:
+                call(i)
+            except Exception as exc:  # collected: a thread's exception would be lost
+                errors.append(exc)
+
+    threads = [
+        threading.Thread(target=loop, args=(
+            lambda i: emb.embed_uncached(["red fox", f"a dog number {i} in a park"]),)),
+        threading.Thread(target=loop, args=(
+            lambda i: emb._encode_padded(["red fox", "a much longer prompt about a dog " * 3]),)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
