@@ -18,6 +18,7 @@ import torch
 
 from chaid.config import ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention
+from chaid.engine.intra_cache import IntraCacheSettings, make_intra_cache
 from chaid.engine.sampler import Guidance, StepHook, sample, schedule, transform_ratio
 from chaid.errors import InputError
 from chaid.models import ModelParts, build_parts
@@ -54,6 +55,13 @@ class GenerationRequest:
     cache_latents: Mapping[int, torch.Tensor] | None = field(default=None, repr=False)
     # 1-based steps whose input latent z_k is returned in the result (full mode: 2, 3, 4).
     capture_steps: tuple[int, ...] = ()
+    # Start at this 1-based step of the ``steps``-step schedule from ``start_latent`` (C, T,
+    # H, W) instead of step 1 from the seed's noise (NIRVANA-VID's latent substitution).
+    # Steps before it are not run. start_step 1 with start_latent None is a plain run.
+    start_step: int = 1
+    start_latent: torch.Tensor | None = field(default=None, repr=False)
+    # Intra-inference cache (First-Block-Cache) for this request; None: every block runs.
+    intra_cache: IntraCacheSettings | None = None
 
 
 @dataclass
@@ -78,6 +86,15 @@ class GenerationResult:
     mode: str = "plain"
     # step k → z_k (C, T, h, w) fp32 on the CPU, for the request's capture_steps.
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    # The step the run started at (1 unless it continued a stored latent).
+    start_step: int = 1
+    # Steps whose blocks after the first were skipped by the intra cache.
+    intra_skipped: tuple[int, ...] = ()
+
+    @property
+    def steps_run(self) -> int:
+        """Model calls made: the schedule's steps from start_step on."""
+        return self.steps - self.start_step + 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,12 +166,28 @@ class Pipeline:
             if not 0.0 <= scale <= MAX_CFG_SCALE:
                 raise InputError(f"cfg_scale must be in 0..{MAX_CFG_SCALE}, not {scale}")
             scale = float(scale)
+        start = _check_int("start_step", request.start_step, 1, steps)
+        if request.start_latent is not None:
+            shape = tuple(self.parts.vae.latent_shape(frames, height, width))
+            if tuple(request.start_latent.shape) != shape:
+                raise InputError(
+                    f"start_latent has shape {tuple(request.start_latent.shape)},"
+                    f" the request {shape}"
+                )
+        elif start > 1:
+            raise InputError("start_step > 1 needs a start_latent")
+        if start > 1 and request.cache_latents is not None:
+            raise InputError("start_step > 1 cannot be combined with cache_latents")
+        if request.intra_cache is not None:
+            request.intra_cache.validate()
         capture = tuple(sorted(set(request.capture_steps)))
         if any(
-            isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= steps for k in capture
+            isinstance(k, bool) or not isinstance(k, int) or not start <= k <= steps
+            for k in capture
         ):
             raise InputError(
-                f"capture_steps must be steps in 1..{steps}, not {list(request.capture_steps)}"
+                f"capture_steps must be steps in {start}..{steps},"
+                f" not {list(request.capture_steps)}"
             )
         return dataclasses.replace(
             request,
@@ -166,6 +199,7 @@ class Pipeline:
             cfg_scale=scale,
             seed=seed,
             capture_steps=capture,
+            start_step=start,
         )
 
     def full(self, prompt: str, **fields) -> GenerationResult:
@@ -211,6 +245,7 @@ class Pipeline:
                 req.cfg_scale is not None,
             )
             cache.check(latent_shape)
+        intra = make_intra_cache(req.intra_cache) if req.intra_cache is not None else None
         captured: dict[int, torch.Tensor] = {}
 
         def hook(step: int, t: float, z: torch.Tensor) -> None:
@@ -222,7 +257,7 @@ class Pipeline:
         def velocity(z: torch.Tensor, t: float, step: int) -> torch.Tensor:
             branches = 1 if req.cfg_scale is None else 2
             plan = cache.plan(step, branches * z.shape[0], z.device) if cache else None
-            return guidance.velocity(z, t, plan)
+            return guidance.velocity(z, t, plan, intra.runner(step) if intra else None)
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t_start = time.perf_counter()
@@ -230,13 +265,18 @@ class Pipeline:
         text = parts.text_encoder.encode([req.prompt]).to(self.device)
         sync()
         t_encoded = time.perf_counter()
-        # 2. noise and schedule
-        noise = self.initial_noise(req)
-        ratio = transform_ratio(req.height, req.width, noise.shape[2], parts.dit.cfg.input_sq_size)
+        # 2. starting latent (noise, or a stored latent) and schedule
+        if req.start_latent is not None:
+            z_start = req.start_latent.to(self.device, torch.float32)[None]
+        else:
+            z_start = self.initial_noise(req)
+        ratio = transform_ratio(
+            req.height, req.width, z_start.shape[2], parts.dit.cfg.input_sq_size
+        )
         timesteps = schedule(req.steps, ratio)
         # 3. denoise
         guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, req.height, req.width)
-        z = sample(velocity, noise, timesteps, hook)
+        z = sample(velocity, z_start, timesteps, hook, start_step=req.start_step)
         sync()
         t_denoised = time.perf_counter()
         # 4. decode
@@ -253,5 +293,13 @@ class Pipeline:
         log.debug("generated %r in %.0f ms (%d steps)", req.prompt, timings.total_ms, req.steps)
         mode = "fast" if cache else ("full" if req.capture_steps else "plain")
         return GenerationResult(
-            video_np, z[0].float().cpu(), req.steps, req.fps, timings, mode, captured
+            video_np,
+            z[0].float().cpu(),
+            req.steps,
+            req.fps,
+            timings,
+            mode,
+            captured,
+            start_step=req.start_step,
+            intra_skipped=tuple(intra.skipped) if intra else (),
         )

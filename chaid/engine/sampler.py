@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chaid.models.stdit3 import BlockAttnPlan, STDiT3
+from chaid.models.stdit3 import BlockAttnPlan, BlockRunner, STDiT3
 from chaid.models.text import TextEmbedding
 
 # Training timesteps of OpenSora 1.2; t is continuous in [0, NUM_TIMESTEPS].
@@ -78,8 +78,18 @@ class Guidance:
             self._y = torch.cat([states, null], dim=0)
             self._mask = torch.cat([self.text.mask, self.text.mask], dim=0)
 
-    def velocity(self, z: torch.Tensor, t: float, attn_plan: BlockAttnPlan | None = None):
-        """v for latents z (B, C, T, H, W) at timestep t: (B, C, T, H, W) in fp32."""
+    def velocity(
+        self,
+        z: torch.Tensor,
+        t: float,
+        attn_plan: BlockAttnPlan | None = None,
+        block_runner: BlockRunner | None = None,
+    ) -> torch.Tensor:
+        """v for latents z (B, C, T, H, W) at timestep t: (B, C, T, H, W) in fp32.
+
+        ``attn_plan`` and ``block_runner`` are passed to the DiT unchanged (both branches of
+        the guidance batch go through one call, so one runner decision covers both).
+        """
         branches = 1 if self.scale is None else 2
         z_in = torch.cat([z] * branches, dim=0) if branches > 1 else z
         t_in = torch.full((z_in.shape[0],), t, dtype=torch.float32, device=z.device)
@@ -92,6 +102,7 @@ class Guidance:
             height=self.height,
             width=self.width,
             attn_plan=attn_plan,
+            block_runner=block_runner,
         )
         v = out[:, : z.shape[1]]  # the variance channels are unused at inference
         if self.scale is None:
@@ -105,20 +116,26 @@ def sample(
     noise: torch.Tensor,
     timesteps: list[float],
     on_step: StepHook | None = None,
+    start_step: int = 1,
 ) -> torch.Tensor:
     """Euler-integrate from ``noise`` through ``timesteps`` to t = 0.
 
     Args:
         velocity: ``velocity(z, t, step)`` → v, step 1-based.
-        noise: z_1.
+        noise: z_{start_step}: the initial noise, or a latent of an earlier run at that step.
         timesteps: descending t values, one per step (see :func:`schedule`).
         on_step: called as on_step(k, t_k, z_k) before each model call; an exception it
             raises (e.g. a cancellation) stops sampling and propagates.
+        start_step: the 1-based step to begin at; steps before it are not run (NIRVANA's
+            latent substitution). 1 runs the whole schedule.
 
     Returns: the final latent (same shape as noise), fp32.
     """
+    if not 1 <= start_step <= len(timesteps):
+        raise ValueError(f"start_step must be in 1..{len(timesteps)}, not {start_step}")
     z = noise.float()
-    for i, t in enumerate(timesteps):
+    for i in range(start_step - 1, len(timesteps)):
+        t = timesteps[i]
         step = i + 1
         if on_step is not None:
             on_step(step, t, z)

@@ -314,6 +314,12 @@ SelfAttnOverride = Callable[
 ]
 # Given (block kind "spatial" or "temporal", block index) → that block's override or None.
 BlockAttnPlan = Callable[[str, int], SelfAttnOverride | None]
+# Runs pair i (spatial block i, then temporal block i) on tokens (B, T*S, C).
+RunPair = Callable[[int, torch.Tensor], torch.Tensor]
+# Runs the whole block stack of one forward call: ``block_runner(x, run_pair, depth)`` → the
+# tokens after the last pair. The default is ``for i in range(depth): x = run_pair(i, x)``;
+# an intra-inference cache (chaid.engine.intra_cache) may skip pairs and reuse residuals.
+BlockRunner = Callable[[torch.Tensor, RunPair, int], torch.Tensor]
 
 
 class STDiT3Block(nn.Module):
@@ -501,6 +507,7 @@ class STDiT3(nn.Module):
         height: int,
         width: int,
         attn_plan: BlockAttnPlan | None = None,
+        block_runner: BlockRunner | None = None,
     ) -> torch.Tensor:
         """Predict the flow for latents z at timesteps t in [0, 1000].
 
@@ -512,6 +519,8 @@ class STDiT3(nn.Module):
             fps: frames per second of the video, scalar or (B,).
             height, width: video size in pixels (scales position embeddings).
             attn_plan: optional per-block self-attention override (see BlockAttnPlan).
+            block_runner: optional driver of the block stack (see BlockRunner); None runs
+                every pair in order.
 
         Returns: (B, out_channels, T, H, W) in fp32.
         """
@@ -530,12 +539,21 @@ class STDiT3(nn.Module):
         if y_mask is None:
             y_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
         y_mask = y_mask.to(device=y.device, dtype=torch.bool)
+
         # 5. blocks
-        for i, (spatial, temporal) in enumerate(
-            zip(self.spatial_blocks, self.temporal_blocks, strict=True)
-        ):
+        def run_pair(i: int, x: torch.Tensor) -> torch.Tensor:
+            spatial, temporal = self.spatial_blocks[i], self.temporal_blocks[i]
             x = spatial(x, y, y_mask, t_mlp, T, S, attn_plan("spatial", i) if attn_plan else None)
-            x = temporal(x, y, y_mask, t_mlp, T, S, attn_plan("temporal", i) if attn_plan else None)
+            return temporal(
+                x, y, y_mask, t_mlp, T, S, attn_plan("temporal", i) if attn_plan else None
+            )
+
+        depth = len(self.spatial_blocks)
+        if block_runner is None:
+            for i in range(depth):
+                x = run_pair(i, x)
+        else:
+            x = block_runner(x, run_pair, depth)
         # 6. output
         x = self.final_layer(x, t_emb)  # (B, T*S, P*C_out)
         return self.unpatchify(x, (T, H, W), tuple(z.shape[-3:])).float()
