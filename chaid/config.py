@@ -100,6 +100,10 @@ class ServerSettings:
     max_inflight_per_connection: int = 8
     # Open connections; more are answered "busy" and closed.
     max_connections: int = 128
+    # Open connections of one user (peer uid); more are answered "too_many_connections"
+    # and closed, so one local user cannot take every slot of max_connections. A quarter
+    # of them leaves room for others; root and the daemon's own user are exempt.
+    max_connections_per_user: int = 32
     # Requests per second each user may send (a token bucket of rate_burst tokens); root
     # and the daemon's own user are exempt, and so are ping and cancel. It bounds the CPU
     # one local user can take with lookups; 0 turns the limit off.
@@ -107,8 +111,14 @@ class ServerSettings:
     rate_burst: int = 100
     # A frame that has started must arrive whole within this many seconds (slow-loris guard).
     read_timeout_s: float = 10.0
-    # A client that does not read its responses for this long is disconnected.
+    # A client that does not read its responses for this long is disconnected. Each frame
+    # must be written within it (a raw video of a few hundred MB needs a reading client,
+    # not a stalled one), and responses wait for the writer within a byte budget.
     write_timeout_s: float = 60.0
+    # A connection with no request in flight that sends nothing for this long is closed,
+    # freeing its slot. Longer keeps idle clients' connections warm (the client reconnects
+    # transparently anyway); shorter frees slots held by forgotten clients sooner.
+    idle_timeout_s: float = 300.0
     # Default and largest per-request deadline (queue wait + generation), in seconds.
     request_timeout_s: float = 900.0
     # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
@@ -200,13 +210,15 @@ class Settings:
             "queue_size",
             "max_inflight_per_connection",
             "max_connections",
+            "max_connections_per_user",
             "lookup_threads",
         ):
             if getattr(srv, name) < 1:
                 raise ConfigError(f"server.{name} must be at least 1, not {getattr(srv, name)}")
         if srv.max_steps > MAX_STEPS:
             raise ConfigError(f"server.max_steps must be at most {MAX_STEPS}")
-        for name in ("read_timeout_s", "write_timeout_s", "request_timeout_s"):
+        for name in ("read_timeout_s", "write_timeout_s", "idle_timeout_s",
+                     "request_timeout_s"):
             if not getattr(srv, name) > 0:
                 raise ConfigError(f"server.{name} must be positive, not {getattr(srv, name)}")
         if srv.grace_period_s < 0:

@@ -55,6 +55,7 @@ class ErrorCode:
     FORBIDDEN = "forbidden"  # the peer's uid/gid may not call this method
     BUSY = "busy"  # the queue is full (or too many connections): retry later
     TOO_MANY_REQUESTS = "too_many_requests"  # this connection has too many in flight
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # this user holds its share of connections
     CANCELLED = "cancelled"  # the client cancelled the request
     DEADLINE_EXCEEDED = "deadline_exceeded"
     SHUTTING_DOWN = "shutting_down"  # the daemon is stopping; no new work is accepted
@@ -72,6 +73,7 @@ class ErrorCode:
             FORBIDDEN,
             BUSY,
             TOO_MANY_REQUESTS,
+            TOO_MANY_CONNECTIONS,
             CANCELLED,
             DEADLINE_EXCEEDED,
             SHUTTING_DOWN,

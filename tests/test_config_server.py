@@ -27,6 +27,8 @@ def test_server_and_store_sections_from_file_env_and_flags(tmp_path):
     ('[server]\nsocket_mode = "999"\n', "socket_mode"),
     ("[server]\nqueue_size = 0\n", "queue_size"),
     ("[server]\nread_timeout_s = 0\n", "read_timeout_s"),
+    ("[server]\nidle_timeout_s = -1\n", "idle_timeout_s"),
+    ("[server]\nmax_connections_per_user = 0\n", "max_connections_per_user"),
     ('[server]\nlog_format = "xml"\n', "log_format"),
     ("[server]\nmax_steps = 10\n", "max_steps"),
     ("[server]\nbogus = 1\n", "unknown setting server.bogus"),

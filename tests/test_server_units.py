@@ -9,8 +9,10 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from chaid.server.listeners import ListenerError, bind_socket, inherited_sockets, release
+from chaid.server.outbox import Outbox
 from chaid.server.peercred import (
     AccessPolicy,
     PeerCredentials,
@@ -99,3 +101,63 @@ def test_rate_limiter_token_bucket():
     now[0] = 0.5
     assert limiter.take(7) is None and limiter.take(7) is not None
     assert RateLimiter(rate=0, burst=1).take(7) is None
+
+
+def test_outbox_bounds_bytes_and_frames():
+    async def main() -> None:
+        box = Outbox(max_bytes=10, max_frames=3)
+        await box.put(b"12345678")
+        assert box.pending_bytes == 8
+        assert not box.put_nowait(b"abc")  # 11 bytes: a notification is dropped
+        order: list[bytes] = []
+
+        async def put(frame: bytes) -> None:
+            await box.put(frame)
+            order.append(frame)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put, b"x" * 40)  # over the budget: waits for an empty box
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(put, b"y")  # fits, but queues behind the waiting frame
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == [] and not box.put_nowait(b"z")
+            first = await box.get()
+            assert first == b"12345678" and box.pending_bytes == 8  # counted until sent
+            box.sent(first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == [b"x" * 40]  # admitted alone, then the small one waits for it
+            big = await box.get()
+            box.sent(big)
+        assert order == [b"x" * 40, b"y"]
+        assert await box.get() == b"y"
+        box.sent(b"y")
+        assert box.pending_bytes == 0
+        for frame in (b"a", b"b", b"c"):
+            assert box.put_nowait(frame)
+        assert not box.put_nowait(b"d")  # max_frames
+
+    trio.run(main)
+
+
+def test_outbox_close_drains_then_fails_waiters():
+    async def main() -> None:
+        box = Outbox(max_bytes=4, max_frames=8)
+        await box.put(b"1234")
+        failed: list[str] = []
+
+        async def put() -> None:
+            try:
+                await box.put(b"5")
+            except trio.ClosedResourceError:
+                failed.append("closed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put)
+            await trio.testing.wait_all_tasks_blocked()
+            box.close()
+        assert failed == ["closed"]
+        assert await box.get() == b"1234"  # what was queued still goes out
+        assert await box.get() is None
+        assert not box.put_nowait(b"x")
+
+    trio.run(main)

@@ -7,6 +7,13 @@ progress notifications in order. Errors of one request become an error response;
 the byte stream (not msgpack, over the size limit, a frame that stalls) are answered once
 with a nil id and close the connection. End of stream cancels the connection's requests,
 and so its queued or running generations (they stop within one denoising step).
+
+Three bounds keep one client from holding the daemon's resources: a connection with no
+request in flight and no output pending that sends nothing for ``server.idle_timeout_s`` is
+closed (nil-id ``timeout``); responses wait for the writer within a byte budget (an
+:class:`~chaid.server.outbox.Outbox`), so a client that never reads holds at most that
+budget plus its in-flight results; and each frame must be written within
+``server.write_timeout_s``, else the connection is dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from chaid.protocol import (
     validate_params,
 )
 from chaid.server.logs import fields
+from chaid.server.outbox import Outbox
 from chaid.server.peercred import PeerCredentials
 
 if TYPE_CHECKING:
@@ -47,6 +55,10 @@ RECV_CHUNK = 64 * 1024
 # Frames waiting for the writer. Responses wait for room; progress notifications are
 # dropped when it is full (a client that reads slowly loses progress, not results).
 OUTGOING_FRAMES = 64
+# Bytes waiting for the writer (plus one frame, which may be larger): what a client that
+# does not read can make the daemon buffer per connection besides its in-flight results.
+# A few raw tiny-shapes videos, or one MP4, fit; the kernel's socket buffer adds ~200 KB.
+OUTGOING_BYTES = 4 << 20
 # Methods answered by the reader itself: instant, and must never wait behind the
 # per-connection in-flight limit (cancelling is how a client gets below it).
 INLINE_METHODS = frozenset({"ping", "cancel"})
@@ -68,42 +80,53 @@ class Connection:
         # Generations in flight on this connection, by request id (for `cancel`).
         self.jobs: dict[int, Job] = {}
         self.inflight: set[int] = set()
-        self._send, self._outgoing = trio.open_memory_channel[bytes](OUTGOING_FRAMES)
+        self._outbox = Outbox(OUTGOING_BYTES, OUTGOING_FRAMES)
         self._scope = trio.CancelScope()
         self.dropped_notifications = 0
+        # trio time of the last bytes received or request answered (the idle clock).
+        self.last_active = trio.current_time()
 
     # -- outgoing -----------------------------------------------------------------------------
 
     async def send(self, frame: bytes) -> None:
+        """Queue a frame for the writer, waiting for room in the outbox.
+
+        The wait is bounded by the writer: it sends a frame within
+        ``server.write_timeout_s`` or drops the connection, which ends the wait.
+        """
         try:
-            await self._send.send(frame)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._outbox.put(frame)
+        except trio.ClosedResourceError:
             pass  # the connection is closing; the peer will not read it
 
     def notify(self, method: str, params: dict[str, Any]) -> None:
         """Queue a notification without waiting; dropped if the writer is backed up."""
-        try:
-            self._send.send_nowait(notification(method, params))
-        except trio.WouldBlock:
+        if not self._outbox.put_nowait(notification(method, params)):
             self.dropped_notifications += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+
+    def busy(self) -> bool:
+        """True while a request is in flight or output waits for the client."""
+        return bool(self.inflight or self.jobs or self._outbox.pending_bytes)
 
     async def _writer(self) -> None:
         timeout = self.daemon.settings.server.write_timeout_s
-        async with self._outgoing:
-            async for frame in self._outgoing:
+        while (frame := await self._outbox.get()) is not None:
+            try:
                 with trio.move_on_after(timeout) as scope:
-                    try:
-                        await self.stream.send_all(frame)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        self._scope.cancel()
-                        return
-                if scope.cancelled_caught:
-                    log.warning("client not reading; disconnecting", extra=fields(
-                        conn=self.number, uid=self.peer.uid, pid=self.peer.pid))
-                    self._scope.cancel()
-                    return
+                    await self.stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._scope.cancel()
+                return
+            finally:
+                self._outbox.sent(frame)
+            if scope.cancelled_caught:
+                # Part of the frame may be on the wire: the stream cannot be resumed.
+                log.warning("client not reading; disconnecting", extra=fields(
+                    conn=self.number, uid=self.peer.uid, pid=self.peer.pid,
+                    timeout_s=timeout, frame_bytes=len(frame)))
+                self.daemon.count_error(ErrorCode.TIMEOUT)
+                self._scope.cancel()
+                return
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -118,7 +141,7 @@ class Connection:
                         # The peer is gone or the stream is broken: nothing more will be
                         # read, so its requests (and their generations) are abandoned.
                         requests.cancel_scope.cancel()
-                    await self._send.aclose()  # the writer sends what is queued, then ends
+                    self._outbox.close()  # the writer sends what is queued, then ends
         except Exception:  # a bug here must not take the daemon's accept loop down
             log.exception("connection %d failed", self.number)
         finally:
@@ -145,16 +168,32 @@ class Connection:
                 await self._fail(RpcError(ErrorCode.TOO_LARGE,
                                           f"frame larger than {srv.max_message_bytes} bytes"))
                 return
-            with trio.move_on_at(frame_deadline) as scope:
+            # Within a frame its read deadline runs; between frames, the idle clock.
+            in_frame = fed > frame_start
+            deadline = frame_deadline if in_frame else self.last_active + srv.idle_timeout_s
+            with trio.move_on_at(deadline) as scope:
                 try:
+                    # Cancel-safe: a receive that is cancelled has consumed nothing.
                     data = await self.stream.receive_some(min(RECV_CHUNK, room))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
             if scope.cancelled_caught:
+                if in_frame:
+                    await self._fail(RpcError(ErrorCode.TIMEOUT,
+                                              f"a frame did not arrive whole within "
+                                              f"{srv.read_timeout_s} s"))
+                    return
+                if self.busy():  # waiting on the daemon is not idling: restart the clock
+                    self.last_active = trio.current_time()
+                    continue
+                if trio.current_time() < self.last_active + srv.idle_timeout_s:
+                    continue  # a request was answered meanwhile
                 await self._fail(RpcError(ErrorCode.TIMEOUT,
-                                          f"a frame did not arrive whole within "
-                                          f"{srv.read_timeout_s} s"))
+                                          f"idle for {srv.idle_timeout_s:g} s; closing the "
+                                          f"connection (reconnect to send more)",
+                                          {"idle_timeout_s": srv.idle_timeout_s}))
                 return
+            self.last_active = trio.current_time()
             if not data:
                 return
             try:
@@ -245,6 +284,7 @@ class Connection:
         finally:
             self.inflight.discard(request.id)
             self.daemon.inflight -= 1
+            self.last_active = trio.current_time()
 
     async def _dispatch(self, request: Request) -> None:
         t0 = time.perf_counter()

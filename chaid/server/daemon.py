@@ -25,11 +25,11 @@ from chaid.config import Settings
 from chaid.engine.chai import ChaiEngine, lookup_as_dict
 from chaid.engine.worker import DeviceWorker, Job, JobState, QueueFull
 from chaid.errors import ChaidError, InputError
-from chaid.protocol import PROTOCOL_VERSION, ErrorCode, Limits, Request, RpcError
+from chaid.protocol import PROTOCOL_VERSION, ErrorCode, Limits, Request, RpcError, response
 from chaid.server.connection import Connection, Handler
 from chaid.server.listeners import BoundSocket, bind_socket, inherited_sockets, release
 from chaid.server.logs import fields
-from chaid.server.peercred import AccessPolicy, RateLimiter, peer_credentials
+from chaid.server.peercred import AccessPolicy, PeerCredentials, RateLimiter, peer_credentials
 from chaid.server.sdnotify import Notifier
 from chaid.store.errors import StoreError
 
@@ -44,6 +44,8 @@ _CANCEL_WAIT_S = 30.0
 _ACCEPT_RETRY_S = 0.1
 _ACCEPT_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
                      errno.ECONNABORTED}
+# A refused connection gets its error frame within this long or is closed without it.
+_REFUSAL_SEND_S = 1.0
 
 # Error code for a job cancelled for each reason.
 _CANCEL_CODES = {
@@ -70,6 +72,8 @@ class Daemon:
         self.rate = RateLimiter(srv.rate_per_s, srv.rate_burst, trio.current_time)
         self.worker = DeviceWorker(engine, srv.queue_size, self.lookup_limiter)
         self.connections: set[Connection] = set()
+        # Open connections by peer uid (entries removed at zero), for the per-user cap.
+        self.user_connections: dict[int, int] = {}
         self.draining = False
         self.inflight = 0
         self.started = time.time()
@@ -119,24 +123,55 @@ class Daemon:
             await trio.aclose_forcefully(stream)
             return
         self.connection_count += 1
-        conn = Connection(self, stream, peer, self.connection_count)
-        if len(self.connections) >= self.settings.server.max_connections:
-            from chaid.protocol import response
-
-            self.count_error(ErrorCode.BUSY)
-            with trio.move_on_after(1.0):
-                try:
-                    await stream.send_all(response(None, RpcError(
-                        ErrorCode.BUSY, "too many connections; retry later")))
-                except trio.BrokenResourceError:
-                    pass
-            await trio.aclose_forcefully(stream)
+        refusal = self._admission(peer)
+        if refusal is not None:
+            await self._refuse(stream, peer, refusal)
             return
+        conn = Connection(self, stream, peer, self.connection_count)
+        # Checked and counted with no await in between: concurrent accepts cannot overshoot.
         self.connections.add(conn)
+        self.user_connections[peer.uid] = self.user_connections.get(peer.uid, 0) + 1
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            left = self.user_connections.pop(peer.uid) - 1
+            if left:
+                self.user_connections[peer.uid] = left
+
+    def _admission(self, peer: PeerCredentials) -> RpcError | None:
+        """Why a new connection of ``peer`` is refused, or None to serve it.
+
+        The user's share is checked first, so a user at its cap learns that retrying will
+        not help until it closes connections of its own.
+        """
+        srv = self.settings.server
+        held = self.user_connections.get(peer.uid, 0)
+        if held >= srv.max_connections_per_user and not self.access.privileged(peer):
+            return RpcError(ErrorCode.TOO_MANY_CONNECTIONS,
+                            f"uid {peer.uid} already has {held} connections open; the limit "
+                            f"per user is {srv.max_connections_per_user}",
+                            {"max_connections_per_user": srv.max_connections_per_user})
+        if len(self.connections) >= srv.max_connections:
+            return RpcError(ErrorCode.BUSY,
+                            f"too many connections ({srv.max_connections}); retry later",
+                            {"max_connections": srv.max_connections})
+        return None
+
+    async def _refuse(self, stream: trio.SocketStream, peer: PeerCredentials,
+                      error: RpcError) -> None:
+        """Answer a refused connection with one nil-id error frame, then close it."""
+        self.count_error(error.code)
+        log.warning("connection refused: %s", error.code, extra=fields(
+            conn=self.connection_count, uid=peer.uid, pid=peer.pid,
+            connections=len(self.connections)))
+        # The frame is small and the socket buffer empty: this only waits on a broken peer.
+        with trio.move_on_after(_REFUSAL_SEND_S):
+            try:
+                await stream.send_all(response(None, error))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(stream)
 
     def update_status(self) -> None:
         c = self.worker.counts

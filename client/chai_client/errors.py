@@ -40,7 +40,7 @@ class RpcError(ChaiError):
 
 
 class BusyError(RpcError):
-    """The daemon's queue is full: retry later."""
+    """The daemon is at a limit (queue, requests or connections): retry later."""
 
 
 class CancelledError(RpcError):
@@ -58,6 +58,7 @@ class InvalidParams(RpcError):
 _BY_CODE: dict[str, type[RpcError]] = {
     "busy": BusyError,
     "too_many_requests": BusyError,
+    "too_many_connections": BusyError,
     "cancelled": CancelledError,
     "shutting_down": CancelledError,
     "deadline_exceeded": CancelledError,

@@ -38,6 +38,7 @@ class ErrorCode:
     FORBIDDEN = "forbidden"
     BUSY = "busy"
     TOO_MANY_REQUESTS = "too_many_requests"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     CANCELLED = "cancelled"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     SHUTTING_DOWN = "shutting_down"

@@ -84,8 +84,28 @@ class Client:
         try:
             self._sock.sendall(data)
         except OSError as exc:
+            refusal = self._refusal()
             self.close()
+            if refusal is not None:
+                raise refusal from None
             raise ConnectionLost(f"connection lost while sending: {exc}") from None
+
+    def _refusal(self) -> RpcError | None:
+        """The error frame a daemon sent before closing a connection it refused (too many
+        connections), if it is already here: sending failed because the daemon closed."""
+        try:
+            self._sock.setblocking(False)
+            data = self._sock.recv(RECV_CHUNK)
+        except OSError:
+            return None
+        self._unpacker.feed(data)
+        for frame in self._unpacker:
+            try:
+                CallState(-1, None).accept(frame)
+            except RpcError as exc:
+                return exc
+            return None
+        return None
 
     def call(self, method: str, params: dict[str, Any] | None = None,
              on_progress: ProgressCallback | None = None) -> Any:

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.integration
 
 RED = "a red circle moving left over a grassy field"
 BLUE = "a blue square bouncing over a grassy field"
+# Misses committed before the SIGKILL; none shares an entity with another or with RED.
+KILLED_AFTER = ("a purple hexagon in a dark cave", "an orange triangle under a stormy sky")
 
 
 class NotifyListener:
@@ -108,11 +110,20 @@ def test_sigterm_drains_then_restart_keeps_the_cache(tmp_path):
         hit = persistent.generate(BLUE)  # the client reconnects by itself
         persistent.close()
         assert hit.cache == "hit" and hit.steps == 8 and hit.matched.prompt == RED
-        # SIGKILL after a committed miss: the store reopens with every committed entry.
+        # SIGKILL after committed misses, while another miss runs (it never commits): the
+        # store reopens with every committed entry.
+        committed = {RED: miss.inserted["entry_id"]}
         with Client(daemon.socket) as c:
-            c.generate("a purple hexagon in a dark cave")
-        daemon.signal(signal.SIGKILL)
-        daemon.proc.wait(30)
+            for prompt in KILLED_AFTER:
+                result = c.generate(prompt)
+                assert result.cache == "miss", (prompt, result.matched)
+                committed[prompt] = result.inserted["entry_id"]
+        with raw_connect(daemon.socket) as s:
+            send(s, "generate", {"prompt": "a black diamond sinking in a swamp",
+                                 "progress": True, **LONG})
+            assert Reader(s).next()[0] == 2  # running: past its lookup, before its write
+            daemon.signal(signal.SIGKILL)
+            daemon.proc.wait(30)
     finally:
         daemon.kill()
     check = subprocess.run([sys.executable, "-m", "chaid", "cache", "check", "--data-dir",
@@ -120,7 +131,21 @@ def test_sigterm_drains_then_restart_keeps_the_cache(tmp_path):
                            cwd=REPO, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
     report = json.loads(check.stdout)
-    assert report["ok"] and report["entries"] == 2, report
+    assert report["ok"] and report["entries"] == len(committed), report
+
+    # A real daemon on the same data dir serves every committed entry as a hit.
+    daemon = Daemon(work).start()
+    try:
+        with Client(daemon.socket) as c:
+            listed = {e["id"]: e["prompt"] for e in c.cache_list()}
+            assert listed == {entry: prompt for prompt, entry in committed.items()}
+            for prompt, entry in committed.items():
+                result = c.generate(prompt, format="frames")
+                assert result.cache == "hit" and result.steps == 8, (prompt, result.cache)
+                assert result.matched.entry_id == entry, (prompt, result.matched)
+        assert daemon.stop() == 0, daemon.log()
+    finally:
+        daemon.kill()
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
