@@ -41,6 +41,12 @@ def _running_under_trio() -> bool:
     return True
 
 
+def _broken(exc: Exception) -> bool:
+    """The stream broke (either library's way of saying so)."""
+    return isinstance(exc, OSError) or type(exc).__name__ in (
+        "BrokenResourceError", "ClosedResourceError")
+
+
 class _AsyncioStream:
     def __init__(self, reader: Any, writer: Any) -> None:
         self.reader, self.writer = reader, writer
@@ -118,10 +124,14 @@ class AsyncClient:
             msgid = next(self._ids) % (MAX_REQUEST_ID + 1)
             state = CallState(msgid, on_progress)
             unpacker = make_unpacker()
+            lost = "the daemon closed the connection"
             try:
                 await stream.send_all(pack_request(msgid, method, params or {}))
-            except OSError as exc:
-                raise ConnectionLost(f"connection lost while sending: {exc}") from None
+            except Exception as exc:  # OSError, trio.BrokenResourceError
+                if not _broken(exc):
+                    raise
+                # The daemon may have refused the connection first: read its reason.
+                lost = f"connection lost while sending: {exc}"
             while True:
                 for frame in unpacker:
                     done, result = state.accept(frame)
@@ -129,14 +139,12 @@ class AsyncClient:
                         return result
                 try:
                     data = await stream.receive_some()
-                except OSError as exc:
-                    raise ConnectionLost(f"connection lost: {exc}") from None
-                except Exception as exc:  # trio.BrokenResourceError
-                    if type(exc).__name__ in ("BrokenResourceError", "ClosedResourceError"):
+                except Exception as exc:  # OSError, trio.BrokenResourceError
+                    if _broken(exc):
                         raise ConnectionLost(f"connection lost: {exc}") from None
                     raise
                 if not data:
-                    raise ConnectionLost("the daemon closed the connection")
+                    raise ConnectionLost(lost)
                 unpacker.feed(data)
         finally:
             await stream.aclose()

@@ -4,6 +4,7 @@ that never reads. One daemon for the module, with every limit small (conftest.LI
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import struct
@@ -14,7 +15,8 @@ from typing import Any
 
 import msgpack
 import pytest
-from chai_client import BusyError, Client
+import trio
+from chai_client import AsyncClient, BusyError, Client
 from daemonkit import LONG, Reader, call, raw_connect, send
 
 from chaid.server.connection import OUTGOING_BYTES
@@ -104,6 +106,11 @@ def test_global_connection_cap_refuses_then_recovers(limits_daemon):
         with pytest.raises(BusyError) as err, Client(limits_daemon.socket, timeout=10) as c:
             c.ping()
         assert err.value.code == "busy"
+        ping = AsyncClient(limits_daemon.socket).ping
+        for run in (lambda: asyncio.run(ping()), lambda: trio.run(ping)):
+            with pytest.raises(BusyError) as err:  # the async client reads the refusal too
+                run()
+            assert err.value.code == "busy"
         # Served again as soon as connections close.
         for s in held[:2]:
             s.close()
