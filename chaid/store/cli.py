@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from chaid.engine.bench_cli import register_bench_quality
 from chaid.store.settings import StoreSettings
 
 
@@ -241,6 +242,7 @@ def _cmd_bench_threshold(args: argparse.Namespace) -> int:
 BENCH_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_bench_cache,
     _register_bench_threshold,
+    register_bench_quality,
 ]
 
 
