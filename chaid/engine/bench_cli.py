@@ -34,6 +34,13 @@ def register_bench_quality(bench_sub: argparse._SubParsersAction) -> None:
         help="First-Block-Cache threshold (default 0.1)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: torch's choice); on a busy CPU, 1 "
+        "avoids threads spinning against each other",
+    )
     p.add_argument("--work-dir", type=Path, help="where the stores go (default: a temp dir)")
     p.set_defaults(func=_cmd_bench_quality)
 

@@ -456,6 +456,8 @@ def command(args: Any) -> int:
     """The ``chaid bench quality`` command (arguments from :func:`chaid.engine.bench_cli`)."""
     import json
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     make = QualityBenchConfig.quick if args.quick else QualityBenchConfig
     overrides: dict[str, Any] = {
         "model": args.model,

@@ -22,6 +22,8 @@ def test_quick_bench_writes_the_schema(tmp_path: Path):
         "tiny-test",
         "--device",
         "cpu",
+        "--threads",
+        "1",
         "--pairs",
         "1",
         "--warm",
