@@ -10,6 +10,7 @@ connection, which makes the daemon cancel the request at its next denoising step
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import threading
 import time
@@ -73,7 +74,21 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _stale(self) -> bool:
+        """Whether the open connection was closed by the daemon since the last call.
+
+        Between calls the daemon owes nothing, so anything readable (a connection-level
+        error such as the idle timeout, or end of stream) means the connection is gone.
+        """
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def _send(self, data: bytes) -> None:
+        if self._sock is not None and self._stale():
+            self.close()
         if self._sock is not None:
             try:
                 self._sock.sendall(data)
@@ -111,31 +126,42 @@ class Client:
              on_progress: ProgressCallback | None = None) -> Any:
         """Send one request and wait for its response; RpcError if the daemon refuses."""
         with self._lock:
-            msgid = next(self._ids) % (MAX_REQUEST_ID + 1)
-            state = CallState(msgid, on_progress)
-            self._send(pack_request(msgid, method, params or {}))
             try:
-                while True:
-                    for frame in self._unpacker:
-                        done, result = state.accept(frame)
-                        if done:
-                            return result
-                    try:
-                        data = self._sock.recv(RECV_CHUNK)
-                    except OSError as exc:
-                        raise ConnectionLost(f"connection lost: {exc}") from None
-                    if not data:
-                        raise ConnectionLost("the daemon closed the connection")
-                    self._unpacker.feed(data)
+                return self._call_once(method, params, on_progress)
             except RpcError as exc:
-                if getattr(exc, "fatal", False):  # the daemon closes the stream after it
-                    self.close()
+                # An idle-timeout refusal means the daemon closed the connection without
+                # reading the request (it fires only on an idle connection): send it anew.
+                if getattr(exc, "fatal", False) and exc.code == "timeout":
+                    return self._call_once(method, params, on_progress)
                 raise
-            except BaseException:
-                # Whatever stopped us (an error, Ctrl-C), the stream may hold the rest of
-                # this call: start afresh next time. Closing also cancels the request.
+
+    def _call_once(self, method: str, params: dict[str, Any] | None,
+                   on_progress: ProgressCallback | None) -> Any:
+        msgid = next(self._ids) % (MAX_REQUEST_ID + 1)
+        state = CallState(msgid, on_progress)
+        self._send(pack_request(msgid, method, params or {}))
+        try:
+            while True:
+                for frame in self._unpacker:
+                    done, result = state.accept(frame)
+                    if done:
+                        return result
+                try:
+                    data = self._sock.recv(RECV_CHUNK)
+                except OSError as exc:
+                    raise ConnectionLost(f"connection lost: {exc}") from None
+                if not data:
+                    raise ConnectionLost("the daemon closed the connection")
+                self._unpacker.feed(data)
+        except RpcError as exc:
+            if getattr(exc, "fatal", False):  # the daemon closes the stream after it
                 self.close()
-                raise
+            raise
+        except BaseException:
+            # Whatever stopped us (an error, Ctrl-C), the stream may hold the rest of
+            # this call: start afresh next time. Closing also cancels the request.
+            self.close()
+            raise
 
     # -- methods ------------------------------------------------------------------------------
 
