@@ -359,32 +359,41 @@ class Param:
     default: Any = None
 
 
+# The prompt and video size, shared by every method that takes a prompt.
+_PROMPT_AND_SIZE: dict[str, Param] = {
+    "prompt": Param(_prompt, required=True),
+    "frames": Param(_optional(_int_in(1, lambda lim: lim.max_frames))),
+    "height": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
+    "width": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
+}
+# Noise seed and guidance, shared by the methods that generate.
+_SAMPLING: dict[str, Param] = {
+    "seed": Param(_int_in(0, MAX_SEED), default=0),
+    "cfg_scale": Param(_optional(_number_in(0.0, 100.0)), default=7.0),
+}
+_DEADLINE: dict[str, Param] = {
+    "deadline_s": Param(_optional(_number_in(0.0, lambda lim: lim.max_deadline_s,
+                                             open_low=True))),
+}
+
 # Each method's parameters: name → (check, required, default). Unknown names are an error,
 # so a misspelt option never silently falls back to a default.
 PARAMS: dict[str, dict[str, Param]] = {
     "ping": {},
     "generate": {
-        "prompt": Param(_prompt, required=True),
-        "frames": Param(_optional(_int_in(1, lambda lim: lim.max_frames))),
-        "height": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
-        "width": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
-        "seed": Param(_int_in(0, MAX_SEED), default=0),
-        "cfg_scale": Param(_optional(_number_in(0.0, 100.0)), default=7.0),
+        **_PROMPT_AND_SIZE,
+        **_SAMPLING,
         # Only with cache="off": with the cache, the steps are the CHAI modes' (full/fast).
         "steps": Param(_optional(_int_in(1, lambda lim: lim.max_steps))),
         "cache": Param(_choice(CACHE_MODES), default="auto"),
         "format": Param(_choice(VIDEO_FORMATS), default="mp4"),
         "progress": Param(_bool, default=False),
-        "deadline_s": Param(_optional(_number_in(0.0, lambda lim: lim.max_deadline_s,
-                                                 open_low=True))),
+        **_DEADLINE,
     },
     "cancel": {"request_id": Param(_int_in(0, MAX_REQUEST_ID), required=True)},
     "stats": {},
     "cache.lookup": {
-        "prompt": Param(_prompt, required=True),
-        "frames": Param(_optional(_int_in(1, lambda lim: lim.max_frames))),
-        "height": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
-        "width": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
+        **_PROMPT_AND_SIZE,
     },
     "cache.list": {
         "limit": Param(_int_in(0, MAX_LIST), default=100),
@@ -392,14 +401,9 @@ PARAMS: dict[str, dict[str, Param]] = {
     "cache.evict": {"entry_ids": Param(_id_list, required=True)},
     "cache.clear": {},
     "cache.warm": {
-        "prompt": Param(_prompt, required=True),
-        "frames": Param(_optional(_int_in(1, lambda lim: lim.max_frames))),
-        "height": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
-        "width": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
-        "seed": Param(_int_in(0, MAX_SEED), default=0),
-        "cfg_scale": Param(_optional(_number_in(0.0, 100.0)), default=7.0),
-        "deadline_s": Param(_optional(_number_in(0.0, lambda lim: lim.max_deadline_s,
-                                                 open_low=True))),
+        **_PROMPT_AND_SIZE,
+        **_SAMPLING,
+        **_DEADLINE,
     },
 }
 
