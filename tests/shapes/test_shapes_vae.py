@@ -27,13 +27,8 @@ from chaid.shapes.train_vae import (
 TINY = ShapesVAEConfig(width_high=16, width_low=16, groups=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids OpenMP start-up and spinning on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Every test here runs with one torch thread (see conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
