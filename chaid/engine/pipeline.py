@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from chaid.config import ChaiSettings, Settings
+from chaid.config import MAX_CFG_SCALE, MAX_STEPS, ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention
 from chaid.engine.intra_cache import IntraCacheSettings, make_intra_cache
 from chaid.engine.sampler import Guidance, StepHook, sample, schedule, transform_ratio
@@ -31,8 +31,6 @@ MAX_PROMPT_CHARS = 2000
 # Frames/sides beyond these would not fit any supported model's memory plan.
 MAX_FRAMES = 512
 MAX_SIDE = 2048
-MAX_STEPS = 1000
-MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**63 - 1
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
