@@ -46,6 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     train.add_argument("--steps", type=int, help="optimiser steps (default: the target's)")
+    train.add_argument(
+        "--init",
+        type=Path,
+        help="dit only: start from these DiT weights (a second stage) instead of scratch",
+    )
+    train.add_argument(
+        "--object-weight",
+        type=float,
+        help="dit only: extra loss weight on latent cells showing an object (default: 0)",
+    )
+    train.add_argument(
+        "--threads", type=int, help="dit only: torch CPU threads (default: 1)"
+    )
     train.set_defaults(func=_cmd_train)
 
     judge = commands.add_parser(
@@ -60,6 +73,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     judge.add_argument("--weights", type=Path, help="judge weights (default: the shipped ones)")
     judge.add_argument("--json", action="store_true", help="print one JSON object")
     judge.set_defaults(func=_cmd_judge)
+
+    ev = commands.add_parser(
+        "eval",
+        help="judge scores of the evaluation suite per step count",
+        description="Generate the fixed Shapes evaluation suite (held-out attribute"
+        " combinations included) at each step count and score every video with the judge;"
+        " prints a table, optionally writes JSON, a plot and a contact sheet.",
+    )
+    ev.add_argument(
+        "--steps",
+        default="1,2,4,8,16,30",
+        help="comma-separated step counts (default: 1,2,4,8,16,30)",
+    )
+    ev.add_argument("--limit", type=int, help="only the first N items of the suite")
+    ev.add_argument("--model", default="tiny-shapes", help="model preset (default: tiny-shapes)")
+    ev.add_argument("--weights", type=Path, help="DiT weights (default: the preset's)")
+    ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    ev.add_argument("--json", type=Path, help="write the report here")
+    ev.add_argument("--plot", type=Path, help="write the judge-vs-steps plot here (PNG)")
+    ev.add_argument(
+        "--sheet", type=Path, help="write a contact sheet of sample frames here (PNG)"
+    )
+    ev.add_argument(
+        "--sheet-items",
+        default="0,1,2,5",
+        help="suite items shown on the contact sheet (default: 0,1,2,5)",
+    )
+    ev.set_defaults(func=_cmd_eval)
 
     chai = commands.add_parser(
         "eval-chai",
@@ -84,7 +125,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ChaidError(f"training {args.target} is not available in this version") from None
     # Training reports progress through logging; show it even without -v.
     logging.getLogger("chaid.shapes").setLevel(logging.INFO)
-    report = trainer.cli_train(args.out, args.seed, args.steps)
+    extra = {
+        k: v
+        for k, v in (
+            ("init", args.init),
+            ("object_weight", args.object_weight),
+            ("threads", args.threads),
+        )
+        if v is not None
+    }
+    if extra and args.target != "dit":
+        raise ChaidError(f"--{next(iter(extra)).replace('_', '-')} applies to dit only")
+    report = trainer.cli_train(args.out, args.seed, args.steps, **extra)
     print(json.dumps(report))
     return 0
 
@@ -109,6 +161,56 @@ def _cmd_judge(args: argparse.Namespace) -> int:
         f"judge sees: {seen['num_objects']} object(s); {seen['colour']} {seen['shape']}"
         f" {seen['motion']} over {seen['background']}"
     )
+    return 0
+
+
+def _int_list(flag: str, text: str, low: int, high: int) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ChaidError(f"{flag} takes comma-separated integers, not {text!r}") from None
+    if not values or any(not low <= v <= high for v in values):
+        raise ChaidError(f"{flag} values must be in {low}..{high}")
+    return values
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from chaid.config import MAX_STEPS
+
+    steps = sorted(set(_int_list("--steps", args.steps, 1, MAX_STEPS)))
+    sheet_items = _int_list("--sheet-items", args.sheet_items, 0, 10**6)
+    if args.limit is not None and args.limit < 1:
+        raise ChaidError("--limit must be at least 1")
+    if not 1 <= args.threads <= 256:
+        raise ChaidError("--threads must be in 1..256")
+    import torch
+
+    from chaid.engine.pipeline import Pipeline
+    from chaid.models import build_parts
+    from chaid.shapes import suite
+
+    if args.plot or args.sheet:
+        suite._require_matplotlib()  # fail before the long run, not after it
+    torch.set_num_threads(args.threads)
+    logging.getLogger("chaid.shapes").setLevel(logging.INFO)
+    items = suite.evaluation_suite()[: args.limit]
+    keep = [i for i in sheet_items if i < len(items)] if args.sheet else []
+    pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"))
+    report = suite.evaluate_steps(pipeline, items, steps, keep_videos=keep)
+    report["model"] = args.model
+    if args.weights is not None:
+        report["weights"] = str(args.weights)
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        suite.plot_curve(report, args.plot)
+    if args.sheet and report["videos"]:
+        args.sheet.parent.mkdir(parents=True, exist_ok=True)
+        suite.contact_sheet(report, args.sheet)
+    del report["videos"]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    print(suite.format_table(report))
     return 0
 
 

@@ -12,8 +12,10 @@ from chaid.shapes.train_dit import (
     DitTrainConfig,
     build_latent_dataset,
     flow_loss,
+    latent_object_mask,
     train_dit,
 )
+from chaid.shapes.world import Scene, ShapeObject, render_with_masks
 
 CFG = DitTrainConfig(
     steps=40,
@@ -31,7 +33,7 @@ CFG = DitTrainConfig(
 def _fixed_batch_loss(parts, seed=123):
     rng = np.random.default_rng(seed)
     cfg = DitTrainConfig(dataset_size=16, encode_batch=16)
-    latents, scenes = build_latent_dataset(parts, cfg, rng)
+    latents, scenes, _ = build_latent_dataset(parts, cfg, rng)
     gen = torch.Generator().manual_seed(seed)
     x0 = latents.float()
     t = torch.full((len(scenes),), 500.0)
@@ -57,3 +59,50 @@ def test_training_lowers_the_loss_and_resumes(tmp_path, caplog):
     before = _fixed_batch_loss(build_parts("tiny-test", init=True))
     after = _fixed_batch_loss(build_parts("tiny-test", weights=weights))
     assert after < 0.8 * before, (before, after)
+
+
+def test_object_mask_marks_the_cells_an_object_covers_with_a_margin():
+    scene = Scene("desert", (ShapeObject("square", "red", "right", size=0.3, x=0.0, y=0.5),))
+    _, masks = render_with_masks(scene, 16, 64, 64)
+    cells = latent_object_mask(masks, (8, 8, 8))
+    assert cells.shape == (8, 8, 8) and cells.dtype == torch.bool
+    # the square moves right: its marked cells' mean column grows frame by frame
+    cols = [torch.nonzero(cells[t])[:, 1].float().mean().item() for t in range(8)]
+    assert cols[-1] > cols[0] + 2 and all(b >= a for a, b in zip(cols, cols[1:]))
+    # an object of a fifth of the frame, plus a one-cell margin: a small part of the grid
+    assert 4 <= cells[0].sum() <= 25
+    assert not latent_object_mask(np.zeros((16, 1, 64, 64), np.float32), (8, 8, 8)).any()
+
+
+def test_weighted_loss_counts_object_cells_more(one_thread):
+    parts = build_parts("tiny-test", init=True)
+    x0 = torch.zeros(2, 4, 2, 4, 4)
+    noise = torch.zeros_like(x0)
+    noise[:, :, :, 0, 0] = 1.0  # the only error sits in cell (0, 0) of every frame
+    text = parts.text_encoder.encode(["a", "b"])
+    t = torch.full((2,), 500.0)
+    drop = torch.zeros(2, dtype=torch.bool)
+    parts.dit.eval()
+    with torch.no_grad(), torch.random.fork_rng():
+        plain = flow_loss(parts, x0, text, t, noise, drop).item()
+        ones = flow_loss(parts, x0, text, t, noise, drop, torch.ones(2, 2, 4, 4)).item()
+        w = torch.ones(2, 2, 4, 4)
+        w[:, :, 0, 0] = 5.0
+        there = flow_loss(parts, x0, text, t, noise, drop, w).item()
+    assert abs(ones - plain) < 1e-6
+    assert there > plain
+
+
+def test_second_stage_starts_from_given_weights(tmp_path):
+    first = train_dit(tmp_path / "a", "tiny-test", DitTrainConfig(**{**CFG.__dict__, "steps": 20}))
+    cfg = DitTrainConfig(
+        **{**CFG.__dict__, "steps": 1, "lr": 1e-9, "warmup_steps": 1, "ema_decay": 0.0,
+           "object_weight": 4.0, "init": str(first.weights)}
+    )
+    second = train_dit(tmp_path / "b", "tiny-test", cfg)
+    a = build_model("tiny-test", weights=first.weights).state_dict()
+    b = build_model("tiny-test", weights=second.weights).state_dict()
+    # one step at a negligible learning rate: the second stage's weights are the first's
+    assert all(torch.allclose(a[k], b[k], atol=1e-2) for k in a)
+    fresh = build_model("tiny-test").state_dict()
+    assert not all(torch.allclose(a[k], fresh[k], atol=1e-2) for k in a)
