@@ -19,7 +19,7 @@ from chaid import __version__
 from chaid.config import load_settings
 from chaid.demo import register_demo
 from chaid.errors import ChaidError
-from chaid.server.cli import register_bench_rpc, register_serve
+from chaid.server.cli import register_bench_daemon, register_bench_rpc, register_serve
 from chaid.shapes.cli import register as register_shapes
 from chaid.store.cli import BENCH_COMMANDS, register_bench, register_cache
 
@@ -148,6 +148,7 @@ class ProgressBar:
 
 
 BENCH_COMMANDS.append(register_bench_rpc)
+BENCH_COMMANDS.append(register_bench_daemon)
 
 # Each entry adds one sub-command; modules that grow commands add their register here.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [

@@ -33,6 +33,13 @@ def register_bench_rpc(bench_sub: argparse._SubParsersAction) -> None:
     register(bench_sub)
 
 
+def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
+    """``chaid bench daemon``: the Shapes stream through the daemon with concurrent clients."""
+    from chaid.server.bench_daemon import register_bench_daemon as register
+
+    register(bench_sub)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from chaid.config import load_settings
 

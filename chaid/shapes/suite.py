@@ -33,7 +33,7 @@ from chaid.shapes.heldout import (
 )
 from chaid.shapes.judge import ShapesJudge, load_judge, score
 from chaid.shapes.prompts import describe
-from chaid.shapes.world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, Scene, render, sample_scene
+from chaid.shapes.world import BACKGROUNDS, MOTIONS, SHAPES, Scene, render, sample_scene
 
 log = logging.getLogger(__name__)
 

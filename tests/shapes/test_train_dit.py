@@ -68,7 +68,7 @@ def test_object_mask_marks_the_cells_an_object_covers_with_a_margin():
     assert cells.shape == (8, 8, 8) and cells.dtype == torch.bool
     # the square moves right: its marked cells' mean column grows frame by frame
     cols = [torch.nonzero(cells[t])[:, 1].float().mean().item() for t in range(8)]
-    assert cols[-1] > cols[0] + 2 and all(b >= a for a, b in zip(cols, cols[1:]))
+    assert cols[-1] > cols[0] + 2 and all(b >= a for a, b in zip(cols, cols[1:], strict=False))
     # an object of a fifth of the frame, plus a one-cell margin: a small part of the grid
     assert 4 <= cells[0].sum() <= 25
     assert not latent_object_mask(np.zeros((16, 1, 64, 64), np.float32), (8, 8, 8)).any()
