@@ -49,3 +49,26 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from chaid.engine.bench_quality import command
 
     return command(args)
+
+
+def register_bench_ablation(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "ablation",
+        help="CHAI settings one at a time: fast steps, cached steps and blocks, k/v, dtype",
+        description="On all-hit Shapes pairs, vary one CHAI setting at a time from the "
+        "defaults; judge score, latency, speedup vs full-30 and bytes per entry.",
+    )
+    p.add_argument("--pairs", type=int, default=24, help="entity-sharing pairs (default 24)")
+    p.add_argument("--quick", action="store_true", help="2 pairs (CI smoke test)")
+    p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
+    p.add_argument("--weights", help="DiT weights (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the report here")
+    p.set_defaults(func=_cmd_bench_ablation)
+
+
+def _cmd_bench_ablation(args: argparse.Namespace) -> int:
+    from chaid.engine.bench_ablation import command
+
+    return command(args)
