@@ -27,7 +27,6 @@ import json
 import logging
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
