@@ -72,3 +72,26 @@ def _cmd_bench_ablation(args: argparse.Namespace) -> int:
     from chaid.engine.bench_ablation import command
 
     return command(args)
+
+
+def register_bench_report(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "report",
+        help="every table and plot of docs/results.md: quality, ablation, hit rates, daemon",
+        description="Run the quality benchmark, the ablation, the hit-rate replay and the "
+        "daemon benchmark; write results.json, tables.md and the plots into --out.",
+    )
+    p.add_argument("--out", type=Path, default=Path("results"), help="output directory")
+    p.add_argument("--quick", action="store_true", help="a few prompts per part (minutes)")
+    p.add_argument("--parts", default="", help="comma list of quality,ablation,hit_rates,"
+                   "daemon (default: all)")
+    p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench_report)
+
+
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from chaid.engine.bench_report import command
+
+    return command(args)

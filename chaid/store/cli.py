@@ -17,7 +17,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from chaid.engine.bench_cli import register_bench_ablation, register_bench_quality
+from chaid.engine.bench_cli import (
+    register_bench_ablation,
+    register_bench_quality,
+    register_bench_report,
+)
 from chaid.store.settings import StoreSettings
 
 
@@ -244,6 +248,7 @@ BENCH_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_bench_threshold,
     register_bench_quality,
     register_bench_ablation,
+    register_bench_report,
 ]
 
 
