@@ -6,8 +6,10 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch that lies on this machine kind's disk; a CUDA box installs its own
 # torch first (see docs) and `make setup` leaves it alone because the range is satisfied.
 TORCH_SPEC ?= torch==2.13.0
+# Steps of the shipped DiT's second training stage (see docs/shapes.md).
+SHAPES_DIT_STAGE2_STEPS ?= 8000
 
-.PHONY: setup demo test lint gpu-check clean
+.PHONY: setup demo test lint gpu-check results shapes-eval shapes-dit clean
 
 $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +35,23 @@ gpu-check: setup
 	$(PIP) install --quiet -e ".[$$($(PY) -c "import torch; print('gpu-cuda13' if (torch.version.cuda or '').startswith('13') else 'gpu')")]"
 	$(PY) -m pytest -q -rs -m gpu tests/kernels
 	$(PY) -m chaid.kernels.bench
+
+# Every table and plot of docs/results.md (about an hour on a 2-core CPU; `--quick` for minutes).
+results: setup
+	$(VENV)/bin/chaid bench report --out docs/results
+
+# The judge-vs-steps curve of docs/shapes.md, its plot and contact sheet.
+shapes-eval: setup
+	$(VENV)/bin/chaid shapes eval --threads 2 --json docs/shapes-eval.json \
+		--plot docs/shapes-eval.png --sheet docs/shapes-sheet.png
+
+# The shipped tiny-shapes DiT from scratch: stage 1 (plain rectified-flow loss), then stage 2
+# (object-weighted loss) from stage 1's weights; writes chaid/shapes/weights/dit.safetensors.
+SHAPES_DIT_STAGE1 ?= $(HOME)/.cache/chaid/dit-stage1
+shapes-dit: setup
+	$(VENV)/bin/chaid shapes train dit --steps 5500 --threads 2 --out $(SHAPES_DIT_STAGE1)
+	$(VENV)/bin/chaid shapes train dit --init $(SHAPES_DIT_STAGE1)/dit.safetensors \
+		--object-weight 4 --steps $(SHAPES_DIT_STAGE2_STEPS) --threads 2
 
 lint: setup
 	$(VENV)/bin/ruff check chaid tests client
