@@ -122,6 +122,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="inspect model weights", description="Model weights.")
+    models_sub = p.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    v = models_sub.add_parser(
+        "verify",
+        help="check an OpenSora weights directory without loading it",
+        description="Check a weights directory (stdit/, vae/, t5/; see docs/opensora.md): "
+        "the layout, every tensor name and shape of each checkpoint from its header, file "
+        "sizes, and the configs. Exit status 0 when everything matches, 1 otherwise.",
+    )
+    v.add_argument("directory", type=Path, help="the weights directory")
+    v.add_argument("--model", default="opensora-1.2", help="preset (default: opensora-1.2)")
+    v.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    v.set_defaults(func=_cmd_models_verify)
+
+
+def _cmd_models_verify(args: argparse.Namespace) -> int:
+    # Imported here: torch and the models take seconds to import.
+    from chaid.models import get_spec
+    from chaid.models.opensora import format_report, verify
+
+    spec = get_spec(args.model)
+    if spec.opensora_vae is None:
+        raise ChaidError(f"{args.model} does not load from a weights directory")
+    report = verify(args.directory, spec.dit, spec.opensora_vae)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["ok"] else EXIT_FAILURE
+
+
 class ProgressBar:
     """A one-line progress bar for denoising steps, drawn on a terminal stream."""
 
@@ -158,6 +187,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_cache,
     register_bench,
     register_shapes,
+    _register_models,
 ]
 
 

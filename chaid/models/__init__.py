@@ -2,7 +2,8 @@
 
 ``build_model(name)`` gives the STDiT3 of a preset; ``build_parts(name)`` gives everything
 a pipeline needs. Presets are one-line entries in :data:`PRESETS` whose keys are the CLI's
-``--model`` choices.
+``--model`` choices. OpenSora presets load all three parts from one weights directory
+(stdit/, vae/, t5/; see chaid/models/opensora.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from chaid.errors import ChaidError, WeightsError
+from chaid.models.opensora import build_opensora_parts, dit_weights_path
+from chaid.models.opensora_vae import OpenSoraVAEConfig, SpatialVAEConfig, TemporalVAEConfig
 from chaid.models.shapes_vae import load_shapes_vae
 from chaid.models.stdit3 import STDiT3, STDiT3Config
 from chaid.models.text import HashTextEncoder, MiniLMTextEncoder, TextEncoder
@@ -51,6 +54,10 @@ class ModelSpec:
     # Trained DiT weights shipped with chaid, used when no weights are given; None: the
     # preset ships none and starts from a seeded initialisation.
     dit_weights: Path | None = None
+    # VAE v1.2 config of a preset whose weights directory has OpenSora's layout (stdit/,
+    # vae/, t5/): its text encoder and VAE load from that directory. None: a one-file DiT
+    # checkpoint and the two factories above.
+    opensora_vae: OpenSoraVAEConfig | None = None
 
 
 def _hash_encoder(cfg: STDiT3Config) -> TextEncoder:
@@ -75,12 +82,32 @@ PRESETS: dict[str, ModelSpec] = {
         name="opensora-1.2",
         description="OpenSora 1.2 STDiT3-XL/2 (1.1B parameters; 240p/360p/480p on a GPU)",
         dit=OPENSORA_12,
-        text_encoder=_unavailable("the T5-XXL text encoder of opensora-1.2"),
-        vae=_unavailable("the VAE v1.2 of opensora-1.2"),
+        text_encoder=_unavailable("opensora-1.2's T5-XXL without a weights directory"),
+        vae=_unavailable("opensora-1.2's VAE v1.2 without a weights directory"),
         frames=51,
         height=240,
         width=426,
         fps=24,
+        opensora_vae=OpenSoraVAEConfig(),
+    ),
+    "opensora-tiny": ModelSpec(
+        name="opensora-tiny",
+        description="OpenSora 1.2's three parts at a small size (random weights; tests)",
+        dit=STDiT3Config(
+            hidden_size=64, depth=2, num_heads=2, caption_channels=40, model_max_length=300
+        ),
+        text_encoder=_unavailable("opensora-tiny's T5 without a weights directory"),
+        vae=_unavailable("opensora-tiny's VAE without a weights directory"),
+        frames=17,
+        height=64,
+        width=96,
+        fps=24,
+        opensora_vae=OpenSoraVAEConfig(
+            spatial=SpatialVAEConfig(
+                block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4
+            ),
+            temporal=TemporalVAEConfig(filters=8, num_res_blocks=1, num_groups=4),
+        ),
     ),
     "tiny-shapes": ModelSpec(
         name="tiny-shapes",
@@ -142,8 +169,9 @@ def build_model(
 
     Args:
         name: a key of PRESETS.
-        weights: a .safetensors file or a directory with model.safetensors, loaded strictly;
-            None initialises the weights from ``seed`` (or leaves them unallocated on meta).
+        weights: a .safetensors file or a directory with model.safetensors, loaded strictly
+            (for OpenSora presets also a weights directory, whose stdit/ is used); None
+            initialises the weights from ``seed`` (or leaves them unallocated on meta).
         device: where the model lives; "meta" builds shapes only.
         dtype: parameter dtype.
         config_overrides: STDiT3Config fields to replace (e.g. depth=2 for a reduced copy).
@@ -151,7 +179,8 @@ def build_model(
     Raises:
         ChaidError: unknown preset or config field; WeightsError: checkpoint problems.
     """
-    cfg = get_spec(name).dit
+    spec = get_spec(name)
+    cfg = spec.dit
     if config_overrides:
         unknown = set(config_overrides) - {f.name for f in dataclasses.fields(STDiT3Config)}
         if unknown:
@@ -163,6 +192,8 @@ def build_model(
             model = STDiT3(cfg)
         if device.type == "meta":
             raise WeightsError("cannot load weights onto the meta device")
+        if spec.opensora_vae is not None:
+            weights = dit_weights_path(weights)
         load_weights(
             model,
             weights,
@@ -195,16 +226,40 @@ def build_parts(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     init: bool = False,
+    text_dtype: torch.dtype = torch.float32,
+    text_after_encode: str = "keep",
 ) -> ModelParts:
     """Build the DiT, text encoder and VAE of a preset; checks that they fit together.
 
     The DiT's weights are ``weights`` if given, else the preset's shipped weights if it has
     them and they are present, else a seeded initialisation; ``init=True`` forces the
     initialisation (the start of a training run).
+
+    OpenSora presets need ``weights``: a directory with stdit/, vae/ and t5/ (WeightsError
+    lists whatever is missing before anything loads). Their T5 runs on ``device`` in
+    ``text_dtype`` (OpenSora's is fp32) and loads on its first use; ``text_after_encode``
+    is "keep", "offload" or "free" (see chaid.models.t5). The VAE takes ``dtype``.
     """
     spec = get_spec(name)
-    text_encoder = spec.text_encoder(spec.dit)
-    vae = spec.vae()
+    if spec.opensora_vae is not None:
+        if weights is None:
+            raise WeightsError(
+                f"{name} needs --weights DIR, a directory with stdit/, vae/ and t5/"
+                " (see docs/opensora.md)"
+            )
+        text_encoder, vae = build_opensora_parts(
+            weights,
+            spec.dit,
+            spec.opensora_vae,
+            device=device,
+            dtype=dtype,
+            text_dtype=text_dtype,
+            text_after_encode=text_after_encode,
+            model=name,
+        )
+    else:
+        text_encoder = spec.text_encoder(spec.dit)
+        vae = spec.vae()
     if weights is None and not init and spec.dit_weights is not None and spec.dit_weights.is_file():
         weights = spec.dit_weights
     dit = build_model(name, None if init else weights, device=device, dtype=dtype)
