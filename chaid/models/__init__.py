@@ -237,7 +237,7 @@ def build_parts(
 
     OpenSora presets need ``weights``: a directory with stdit/, vae/ and t5/ (WeightsError
     lists whatever is missing before anything loads). Their T5 runs on ``device`` in
-    ``text_dtype`` (OpenSora's is fp32) and loads on its first use; ``text_after_encode``
+    ``text_dtype`` (OpenSora's is fp32); ``text_after_encode``
     is "keep", "offload" or "free" (see chaid.models.t5). The VAE takes ``dtype``.
     """
     spec = get_spec(name)

@@ -25,10 +25,16 @@ from chaid.errors import WeightsError
 from chaid.models.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig, build_opensora_vae
 from chaid.models.stdit3 import STDiT3, STDiT3Config
 from chaid.models.t5 import TOKENIZER_FILES, WEIGHT_FILES, T5TextEncoder, read_t5_config
-from chaid.models.weights import WEIGHTS_FILE, check_against, model_shapes, read_header
+from chaid.models.weights import (
+    DIT_SUBDIR,
+    WEIGHTS_FILE,
+    check_against,
+    model_shapes,
+    read_header,
+)
 
 # Sub-directories of a weights directory, one per part.
-STDIT_DIR = "stdit"
+STDIT_DIR = DIT_SUBDIR
 VAE_DIR = "vae"
 T5_DIR = "t5"
 
@@ -108,8 +114,9 @@ def build_opensora_parts(
     text_after_encode: str = "keep",
     model: str = "opensora-1.2",
 ) -> tuple[T5TextEncoder, OpenSoraVAE]:
-    """The T5 encoder (loaded lazily, on ``device`` in ``text_dtype``) and the VAE (loaded
-    now, strictly, on ``device`` in ``dtype``) of a complete weights directory.
+    """The T5 encoder (on ``device`` in ``text_dtype``) and the VAE (strictly, on ``device``
+    in ``dtype``) of a complete weights directory, both loaded now: a daemon that reports
+    ready has every part in memory.
 
     Raises WeightsError naming everything missing, or any tensor of the VAE that does not
     match, before the DiT is touched."""
@@ -121,7 +128,9 @@ def build_opensora_parts(
         dtype=text_dtype,
         after_encode=text_after_encode,
     )
-    return text, build_opensora_vae(vae, root / VAE_DIR, device=device, dtype=dtype)
+    vae_model = build_opensora_vae(vae, root / VAE_DIR, device=device, dtype=dtype)
+    text.load()
+    return text, vae_model
 
 
 # --------------------------------------------------------------------------------------
@@ -326,8 +335,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"  missing: {item}" for item in report["missing"]]
     for part in report["parts"]:
         facts = (
-            f"{part['tensors']} tensors, {part['elements'] / 1e9:.3f} B elements,"
-            f" {'/'.join(part['dtypes']) or '-'}, {part['bytes'] / 1e9:.2f} GB"
+            f"{part['tensors']} tensors, {part['elements'] / 1e6:,.1f} M elements,"
+            f" {'/'.join(part['dtypes']) or '-'}, {part['bytes'] / 1e6:,.1f} MB"
         )
         lines.append(f"  {part['part']:<6} {'ok' if part['ok'] else 'NOT OK':<7} {facts}")
         lines += [f"         problem: {p}" for p in part["problems"]]

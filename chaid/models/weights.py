@@ -21,14 +21,20 @@ from chaid.errors import WeightsError
 
 # File name inside a weights directory (Hugging Face convention).
 WEIGHTS_FILE = "model.safetensors"
+# The DiT's folder in a multi-part weights directory (OpenSora's stdit/, vae/, t5/; see
+# chaid/models/opensora.py): model fingerprints and loaders find the DiT there.
+DIT_SUBDIR = "stdit"
 # How many offending names an error message lists before it says "and N more".
 MAX_NAMES_IN_ERROR = 12
 
 
 def resolve_weights_file(path: str | Path) -> Path:
-    """A directory → its model.safetensors; a file → itself. Raises WeightsError if absent."""
+    """A directory → its model.safetensors, or the DiT's (stdit/model.safetensors) in a
+    multi-part weights directory; a file → itself. Raises WeightsError if absent."""
     p = Path(path).expanduser()
     if p.is_dir():
+        if not (p / WEIGHTS_FILE).is_file() and (p / DIT_SUBDIR / WEIGHTS_FILE).is_file():
+            p = p / DIT_SUBDIR
         p = p / WEIGHTS_FILE
     if not p.is_file():
         raise WeightsError(f"no weights file at {p}")

@@ -69,7 +69,7 @@ def _write_header_only(path: Path, shapes: dict[str, tuple[int, ...]], dtype: st
 
 def test_build_parts_loads_every_part_from_the_directory(weights_dir):
     parts = build_parts(TINY, weights_dir)
-    assert isinstance(parts.text_encoder, T5TextEncoder)
+    assert isinstance(parts.text_encoder, T5TextEncoder) and parts.text_encoder.loaded
     assert parts.vae.name == "opensora-vae-1.2"
     # the DiT came from stdit/ (the saved seed-0 weights), not a fresh initialisation
     saved = build_model(TINY, seed=0).state_dict()
@@ -80,6 +80,12 @@ def test_build_parts_loads_every_part_from_the_directory(weights_dir):
     # build_model takes the directory too
     alone = build_model(TINY, weights=weights_dir).state_dict()
     assert all(torch.equal(alone[k], saved[k]) for k in saved)
+    # and the daemon's model fingerprint digests the DiT file inside it
+    from chaid.engine.chai import model_fingerprint
+
+    fingerprint = model_fingerprint(parts, str(weights_dir))
+    assert fingerprint.startswith(f"{TINY}-")
+    assert fingerprint == model_fingerprint(parts, str(weights_dir / "stdit"))
 
 
 def test_generation_end_to_end_on_the_cpu(weights_dir):
