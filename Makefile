@@ -30,11 +30,14 @@ test: setup
 	$(PY) -m pytest -q
 
 # Cache Attention on a GPU: installs the CuPy wheel matching torch's CUDA, runs the kernel
-# tests and the micro-benchmark (CuPy kernel vs torch SDPA, max error and time ratio).
+# tests and the micro-benchmark (CuPy kernel vs torch SDPA, max error and time ratio), then
+# OpenSora 1.2 end to end in bf16 with random weights (depth-4 DiT at full width, full-size
+# VAE): latency per step of a full (30-step) and a fast (8-step, Cache Attention) run.
 gpu-check: setup
 	$(PIP) install --quiet -e ".[$$($(PY) -c "import torch; print('gpu-cuda13' if (torch.version.cuda or '').startswith('13') else 'gpu')")]"
-	$(PY) -m pytest -q -rs -m gpu tests/kernels
+	$(PY) -m pytest -q -rs -m gpu tests/kernels tests/models
 	$(PY) -m chaid.kernels.bench
+	$(PY) -m chaid.models.opensora_check
 
 # Every table and plot of docs/results.md (about an hour on a 2-core CPU; `--quick` for minutes).
 results: setup
