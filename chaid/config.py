@@ -35,6 +35,11 @@ class ModelSettings:
     device: str = "auto"
     # float32 is exact and the only sensible choice on a CPU; bfloat16 halves GPU memory.
     dtype: str = "float32"
+    # dtype of a large text encoder (OpenSora's T5-XXL: 19 GB in float32, half in bfloat16).
+    text_dtype: str = "float32"
+    # What happens to that text encoder after each prompt is encoded: "keep" it on the
+    # device, "offload" it to the CPU until the next prompt, or "free" it (reloaded on use).
+    text_after_encode: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,16 @@ class Settings:
             raise ConfigError(
                 f"model.device must be auto, cpu, cuda or cuda:N, not {self.model.device!r}"
             )
+        if self.model.text_dtype not in DTYPE_NAMES:
+            raise ConfigError(
+                f"model.text_dtype must be one of {sorted(DTYPE_NAMES)},"
+                f" not {self.model.text_dtype!r}"
+            )
+        if self.model.text_after_encode not in TEXT_AFTER_ENCODE:
+            raise ConfigError(
+                f"model.text_after_encode must be one of {list(TEXT_AFTER_ENCODE)},"
+                f" not {self.model.text_after_encode!r}"
+            )
         if self.model.dtype not in DTYPE_NAMES:
             raise ConfigError(
                 f"model.dtype must be one of {sorted(DTYPE_NAMES)}, not {self.model.dtype!r}"
@@ -237,6 +252,8 @@ class Settings:
             raise ConfigError("server.max_steps must be at least chai.full_steps")
 
 
+# What a large text encoder does after encoding (chaid.models.t5).
+TEXT_AFTER_ENCODE = ("keep", "offload", "free")
 # dtype names accepted in settings; the engine maps them to torch dtypes.
 DTYPE_NAMES = {"float32", "float16", "bfloat16"}
 # More steps than this buys nothing for a rectified-flow sampler and only ties up the device.

@@ -36,6 +36,8 @@ def test_file_then_environment_then_flags(tmp_path):
         ("[sampler]\nsteps = 0\n", "sampler.steps must be in"),
         ("[model]\ndevice = 'tpu'\n", "model.device"),
         ("[model]\ndtype = 'int8'\n", "model.dtype"),
+        ("[model]\ntext_dtype = 'int4'\n", "model.text_dtype"),
+        ("[model]\ntext_after_encode = 'drop'\n", "model.text_after_encode"),
         ("model = 3\n", "must be a table"),
         ("[model\n", "not valid TOML"),
     ],
@@ -52,3 +54,10 @@ def test_bad_environment_value_and_missing_file(tmp_path):
         load_settings(env={"CHAID_SAMPLER_CFG_SCALE": "lots"})
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "absent.toml", env={})
+
+
+def test_text_encoder_settings_from_the_environment():
+    s = load_settings(env={"CHAID_MODEL_TEXT_DTYPE": "bfloat16",
+                           "CHAID_MODEL_TEXT_AFTER_ENCODE": "offload"})
+    assert (s.model.text_dtype, s.model.text_after_encode) == ("bfloat16", "offload")
+    assert load_settings(env={}).model.text_after_encode == "keep"

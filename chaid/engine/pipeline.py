@@ -128,6 +128,8 @@ class Pipeline:
             settings.model.weights,
             device=device,
             dtype=DTYPES[settings.model.dtype],
+            text_dtype=DTYPES[settings.model.text_dtype],
+            text_after_encode=settings.model.text_after_encode,
         )
         return cls(parts, device, settings.chai)
 
