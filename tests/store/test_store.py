@@ -40,6 +40,38 @@ def test_latents_round_trip_byte_identical(tmp_path, dtype):
         assert back[step].tobytes() == expected.tobytes()
 
 
+def test_int8_latents_quarter_the_bytes_within_half_a_step(tmp_path):
+    with open_toy(toy_settings(tmp_path, latent_dtype="int8")) as cache:
+        latents = toy_latents("p")
+        res = cache.insert(toy_analysis("p"), latents, "fp")
+        back = cache.get_latents(res.entry_id)
+        record = cache.get_record(res.entry_id)
+        with open_toy(toy_settings(tmp_path / "f32", latent_dtype="float32")) as exact:
+            full = exact.insert(toy_analysis("p"), latents, "fp")
+            exact_bytes = exact.get_record(full.entry_id).bytes
+    assert record.dtype == "int8" and list(record.shape) == list(SHAPE)
+    vectors = exact_bytes - 3 * np.prod(SHAPE) * 4
+    # one byte a value plus one fp32 scale per channel and frame
+    assert record.bytes - vectors == 3 * (np.prod(SHAPE) + 4 * SHAPE[0] * SHAPE[1])
+    for step, arr in latents.items():
+        assert back[step].dtype == np.float32 and back[step].shape == SHAPE
+        scale = np.abs(arr).max(axis=(2, 3), keepdims=True) / 127
+        assert (np.abs(back[step] - arr) <= scale / 2 + 1e-6).all()
+        assert not np.array_equal(back[step], arr)  # it is lossy, and says so by its dtype
+
+
+def test_int8_blob_of_the_wrong_length_is_refused():
+    from chaid.store.cache import dequantise_int8, quantise_int8
+    from chaid.store.errors import StoreError
+
+    packed = quantise_int8(np.ones(SHAPE, np.float32)).tobytes()
+    assert np.array_equal(dequantise_int8(packed, SHAPE), np.ones(SHAPE, np.float32))
+    with pytest.raises(StoreError, match="bytes"):
+        dequantise_int8(packed[:-1], SHAPE)
+    with pytest.raises(StoreError, match="3 or more axes"):
+        quantise_int8(np.ones((4, 4), np.float32))
+
+
 def test_torch_tensors_are_accepted(tmp_path):
     with open_toy(toy_settings(tmp_path, latent_dtype="float32")) as cache:
         t = torch.arange(4 * 3 * 8 * 8, dtype=torch.bfloat16).reshape(SHAPE)
