@@ -1,27 +1,22 @@
-"""Shared fixtures: the path to ../shared and helpers that make models non-trivial."""
+"""Shared fixtures: the path to ../shared, and one torch thread for small models.
+
+Helpers that tests import live in modules of their own (modelkit, storekit, daemonkit):
+several directories have a conftest.py, so ``import conftest`` would depend on the order
+pytest loads them in.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Give every parameter random values: training-start zeros would hide mixing bugs.
-
-    Norm weights stay near 1 so normalised activations keep their scale.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * std
-            p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
-    return model
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +24,12 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not present beside the repository")
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one thread avoids OpenMP start-up and spinning on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import randomize_
+from modelkit import randomize_
 
 from chaid.engine.intra_cache import FirstBlockCache, IntraCacheSettings
 from chaid.engine.nirvana import NirvanaSettings, steps_run, substituted_request

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomize_
+from modelkit import randomize_
 
 from chaid.config import ChaiSettings
 from chaid.engine.cache_attention import CacheAttention

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
+from modelkit import randomize_
 
 from chaid.engine.pipeline import GenerationRequest, Pipeline
 from chaid.engine.sampler import Guidance

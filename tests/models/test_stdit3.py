@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_
+from modelkit import randomize_
 
 from chaid.models import build_model
 from chaid.models.stdit3 import (
