@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -95,13 +94,13 @@ def _ablation(cfg: ReportConfig) -> dict:
 def _hit_rates(cfg: ReportConfig) -> dict:
     """The Shapes stream replayed through lookup + insert at several cache sizes."""
     from chaid.engine.bench_quality import shapes_stream
-    from chaid.models import build_parts
+    from chaid.models import get_spec
     from chaid.store.analysis import Analyzer
     from chaid.store.bench import run_cache_bench
     from chaid.store.settings import StoreSettings
 
-    parts = build_parts(cfg.model)
-    shape = parts.vae.latent_shape(parts.spec.frames, parts.spec.height, parts.spec.width)
+    spec = get_spec(cfg.model)  # only the latent's size is needed: no DiT, no text encoder
+    shape = spec.vae().latent_shape(spec.frames, spec.height, spec.width)
     entry = 3 * 2 * int(torch.Size(shape).numel())  # z_2..z_4 in fp16
     settings = StoreSettings(embedder_threads=1)
     return run_cache_bench(
@@ -112,22 +111,10 @@ def _hit_rates(cfg: ReportConfig) -> dict:
 
 
 def _daemon(cfg: ReportConfig) -> dict:
-    from chaid.engine.bench_quality import shapes_stream
-    from chaid.server.bench_daemon import in_process, through_daemon
+    from chaid.server.bench_daemon import run_daemon_bench
 
     levels, warm_n, serve_n = cfg.daemon
-    stream = shapes_stream(warm_n + serve_n, cfg.seed)
-    warm, serve = stream[:warm_n], stream[warm_n:]
-    with tempfile.TemporaryDirectory(prefix="chaid-report-daemon-") as tmp:
-        ref = in_process(cfg.model, warm, serve, Path(tmp))
-        out = {"model": cfg.model, "warm": warm_n, "serve": serve_n, "in_process": ref,
-               "levels": []}
-        for n in levels:
-            level = through_daemon(cfg.model, n, warm, serve, Path(tmp) / f"daemon-{n}")
-            level["throughput_vs_in_process"] = round(
-                level["throughput_rps"] / ref["throughput_rps"], 3)
-            out["levels"].append(level)
-    return out
+    return run_daemon_bench(cfg.model, levels, warm_n, serve_n, cfg.seed)
 
 
 PARTS = {"quality": _quality, "ablation": _ablation, "hit_rates": _hit_rates,

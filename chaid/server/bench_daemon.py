@@ -21,6 +21,7 @@ import os
 import queue
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +38,8 @@ def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
         "chaid serve to concurrent clients, against the same stream in process.",
     )
     p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
-    p.add_argument("--clients", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    default = ",".join(map(str, DEFAULT_CLIENTS))
+    p.add_argument("--clients", default=default, help=f"concurrency levels (default {default})")
     p.add_argument("--warm", type=int, default=20, help="unmeasured warm-up prompts (20)")
     p.add_argument("--serve", type=int, default=96, help="measured prompts per level (96)")
     p.add_argument("--seed", type=int, default=0, help="stream seed (default 0)")
@@ -46,16 +48,21 @@ def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_daemon)
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def _level(clients: int, wall_s: float, runs: list[tuple[float, str]]) -> dict:
+    """One row of the report: ``runs`` are (end-to-end ms, "hit" / "miss") per request."""
+    from chaid.server.bench import _pct
 
-
-def _latency_summary(values: list[float]) -> dict[str, float]:
+    latencies = [ms for ms, _ in runs]
     return {
-        "p50": round(_pct(values, 0.5), 1),
-        "p99": round(_pct(values, 0.99), 1),
-        "mean": round(statistics.fmean(values), 1),
+        "clients": clients,
+        "wall_s": round(wall_s, 2),
+        "throughput_rps": round(len(runs) / wall_s, 3),
+        "latency_ms": {
+            "p50": round(_pct(latencies, 0.5), 1),
+            "p99": round(_pct(latencies, 0.99), 1),
+            "mean": round(statistics.fmean(latencies), 1),
+        },
+        "hit_rate": round(sum(c == "hit" for _, c in runs) / len(runs), 3),
     }
 
 
@@ -88,14 +95,7 @@ def in_process(model: str, warm: list[str], serve: list[str], workdir: Path) -> 
         wall = time.perf_counter() - t0
     finally:
         engine.close()
-    latencies = [ms for ms, _ in runs]
-    return {
-        "clients": 0,
-        "wall_s": round(wall, 2),
-        "throughput_rps": round(len(serve) / wall, 3),
-        "latency_ms": _latency_summary(latencies),
-        "hit_rate": round(sum(c == "hit" for _, c in runs) / len(runs), 3),
-    }
+    return _level(0, wall, runs)
 
 
 def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
@@ -156,19 +156,33 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.wait(120)
-    latencies = [ms for ms, _ in results]
-    return {
-        "clients": clients,
-        "wall_s": round(wall, 2),
-        "throughput_rps": round(len(results) / wall, 3),
-        "latency_ms": _latency_summary(latencies),
-        "hit_rate": round(sum(c == "hit" for _, c in results) / len(results), 3),
-        "busy_retries": busy[0],
-    }
+    return {**_level(clients, wall, results), "busy_retries": busy[0]}
+
+
+def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: int,
+                     serve_n: int, seed: int = 0) -> dict:
+    """The Shapes stream in process, then through a fresh daemon per client level."""
+    from chaid.engine.bench_quality import shapes_stream
+
+    stream = shapes_stream(warm_n + serve_n, seed)
+    warm, serve = stream[:warm_n], stream[warm_n:]
+    report: dict = {"model": model, "warm": warm_n, "serve": serve_n,
+                    "cpu_count": os.cpu_count(), "levels": []}
+    with tempfile.TemporaryDirectory(prefix="chaid-bench-daemon-") as tmp:
+        print(f"in process: {warm_n} warm-up + {serve_n} prompts", file=sys.stderr, flush=True)
+        ref = in_process(model, warm, serve, Path(tmp))
+        report["in_process"] = ref
+        for n in levels:
+            print(f"daemon, {n} client(s)", file=sys.stderr, flush=True)
+            level = through_daemon(model, n, warm, serve, Path(tmp) / f"daemon-{n}")
+            level["throughput_vs_in_process"] = round(
+                level["throughput_rps"] / ref["throughput_rps"], 3
+            )
+            report["levels"].append(level)
+    return report
 
 
 def _cmd_bench_daemon(args: argparse.Namespace) -> int:
-    from chaid.engine.bench_quality import shapes_stream
     from chaid.errors import ChaidError
 
     try:
@@ -180,21 +194,7 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
     warm_n, serve_n = (4, 8) if args.quick else (args.warm, args.serve)
     if warm_n < 0 or serve_n < 1:
         raise ChaidError("--warm must be >= 0 and --serve >= 1")
-    stream = shapes_stream(warm_n + serve_n, args.seed)
-    warm, serve = stream[:warm_n], stream[warm_n:]
-    report: dict = {"model": args.model, "warm": warm_n, "serve": serve_n, "cpu_count":
-                    os.cpu_count(), "levels": []}
-    with tempfile.TemporaryDirectory(prefix="chaid-bench-daemon-") as tmp:
-        print(f"in process: {warm_n} warm-up + {serve_n} prompts", flush=True)
-        ref = in_process(args.model, warm, serve, Path(tmp))
-        report["in_process"] = ref
-        for n in levels:
-            print(f"daemon, {n} client(s)", flush=True)
-            level = through_daemon(args.model, n, warm, serve, Path(tmp) / f"daemon-{n}")
-            level["throughput_vs_in_process"] = round(
-                level["throughput_rps"] / ref["throughput_rps"], 3
-            )
-            report["levels"].append(level)
+    report = run_daemon_bench(args.model, levels, warm_n, serve_n, args.seed)
     print(format_table(report))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

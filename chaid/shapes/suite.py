@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from chaid.engine.pipeline import GenerationRequest, Pipeline
+from chaid.shapes.data import to_tensor, to_uint8
 from chaid.shapes.heldout import (
     HELD_OUT_COLOUR_BACKGROUNDS,
     HELD_OUT_OBJECTS,
@@ -125,11 +126,9 @@ def _summary(rows: list[dict], key: str, group: str) -> dict:
 
 @torch.no_grad()
 def _vae_round_trip(pipeline: Pipeline, video: np.ndarray) -> np.ndarray:
-    vae, device = pipeline.parts.vae, pipeline.device
-    pixels = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
-    z = vae.encode(pixels.to(device))
-    back = vae.decode(z, video.shape[0])[0].clamp(-1, 1)
-    return ((back.permute(1, 2, 3, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+    vae = pipeline.parts.vae
+    z = vae.encode(to_tensor(video)[None].to(pipeline.device))
+    return to_uint8(vae.decode(z, video.shape[0])[0])
 
 
 def evaluate_steps(

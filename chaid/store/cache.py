@@ -232,8 +232,7 @@ class LatentCache:
         when the disk or the map ceiling is reached (nothing is written in either case).
         """
         analysis = self._analysis(prompt)
-        arrays = self._prepare_latents(latents)
-        shape = list(self._latent_shape(latents, arrays))
+        shape, arrays = self._prepare_latents(latents)
         vecs = np.ascontiguousarray(analysis.entity_vectors, np.float32)
         pvec = np.ascontiguousarray(analysis.prompt_vector, np.float32)
         size = sum(a.nbytes for a in arrays.values()) + vecs.nbytes + pvec.nbytes
@@ -356,29 +355,25 @@ class LatentCache:
                 self._prompt_vectors.pop(entry_id, None)
             self._prompt_matrix = None
 
-    def _prepare_latents(self, latents: Mapping[int, Any]) -> dict[int, np.ndarray]:
+    def _prepare_latents(self, latents: Mapping[int, Any]
+                         ) -> tuple[list[int], dict[int, np.ndarray]]:
+        """The latents' common shape and their stored form (``settings.latent_dtype``; int8
+        latents are packed bytes, see :func:`quantise_int8`)."""
         if not latents:
             raise StoreError("an entry needs at least one latent")
-        if self.settings.latent_dtype == "int8":
-            arrays = {int(step): quantise_int8(as_numpy(x)) for step, x in latents.items()}
-        else:
-            dtype = np.dtype(self.settings.latent_dtype)
-            arrays = {int(step): as_numpy(x).astype(dtype, copy=False) for step, x in
-                      latents.items()}
-        shapes = {self._latent_shape(latents, {s: a}) for s, a in arrays.items()}
+        raw = {int(step): as_numpy(x) for step, x in latents.items()}
+        shapes = {a.shape for a in raw.values()}
         if len(shapes) != 1:
             raise StoreError(f"the latents of one entry must share one shape, not {shapes}")
-        if any(step < 0 for step in arrays):
+        if any(step < 0 for step in raw):
             raise StoreError("latent steps must be non-negative integers")
-        return {s: np.ascontiguousarray(a) for s, a in arrays.items()}
-
-    def _latent_shape(self, latents: Mapping[int, Any], arrays: Mapping[int, np.ndarray]
-                      ) -> tuple[int, ...]:
-        """The latent's own shape (an int8 array is its packed bytes, flat)."""
-        step = next(iter(arrays))
         if self.settings.latent_dtype == "int8":
-            return tuple(as_numpy(latents[step]).shape)
-        return tuple(arrays[step].shape)
+            arrays = {s: quantise_int8(a) for s, a in raw.items()}
+        else:
+            dtype = np.dtype(self.settings.latent_dtype)
+            arrays = {s: np.ascontiguousarray(a.astype(dtype, copy=False))
+                      for s, a in raw.items()}
+        return list(shapes.pop()), arrays
 
     # -- reads ------------------------------------------------------------------------------
 
