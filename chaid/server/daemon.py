@@ -4,8 +4,8 @@ Start: settings → store (consistency check and index rebuild happen as it open
 → listeners (adopted from systemd or bound) → ``READY=1``. Serve: one accept loop per
 listener, one :class:`~chaid.server.connection.Connection` per client, one device worker.
 Stop (SIGTERM or SIGINT): ``STOPPING=1``, close the listeners, answer new requests with
-``shutting_down``, give in-flight requests ``server.grace_period_s`` to finish, cancel the
-rest (each gets a ``shutting_down`` error), close connections, flush and close the store,
+``shutting_down``, give in-flight requests ``server.grace_period_s`` to finish and their
+answers to be sent, cancel the rest (each gets a ``shutting_down`` error), close connections, flush and close the store,
 exit 0. A second signal skips what is left of the grace period.
 """
 
@@ -370,12 +370,17 @@ class Daemon:
 
     # -- shutdown -----------------------------------------------------------------------------
 
+    def _busy(self) -> bool:
+        """Requests in flight, or answers still queued for a client: closing a connection
+        drops its queued output, so a finished request's response must leave first."""
+        return bool(self.inflight) or any(c.busy() for c in self.connections)
+
     async def drain(self, force: trio.Event) -> None:
         """Let in-flight requests finish within the grace period, then cancel the rest."""
         self.draining = True
         grace = self.settings.server.grace_period_s
         with trio.move_on_after(grace):
-            while self.inflight and not force.is_set():
+            while self._busy() and not force.is_set():
                 await trio.sleep(_DRAIN_POLL_S)
         if self.inflight:
             log.warning("grace period over; cancelling in-flight work",
@@ -384,7 +389,7 @@ class Daemon:
                 for job in list(conn.jobs.values()):
                     job.cancel("shutdown")
             with trio.move_on_after(_CANCEL_WAIT_S):
-                while self.inflight:
+                while self._busy():
                     await trio.sleep(_DRAIN_POLL_S)
         self.worker.close()
         for conn in list(self.connections):
