@@ -150,3 +150,46 @@ def test_fuzz_bytes_decode_or_refuse(data):
             validate_params(req.method, req.params, LIMITS)
         except RpcError:
             pass
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_async_client_reads_a_refusal_after_its_send_broke(tmp_path, loop):
+    """A daemon at its connection cap writes one error frame and closes without reading.
+
+    The request here is larger than the socket buffers, so the client's send fails with a
+    broken pipe; the refusal already delivered must still be read and raised as BusyError.
+    """
+    import asyncio
+    import socket
+    import threading
+
+    import trio
+    from chai_client import AsyncClient
+    from chai_client.errors import BusyError
+
+    path = str(tmp_path / "refuse.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    frame = protocol.response(None, RpcError(ErrorCode.BUSY, "too many connections (1)",
+                                             {"max_connections": 1}))
+
+    def refuse_once() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(frame)
+        conn.close()
+
+    server = threading.Thread(target=refuse_once, daemon=True)
+    server.start()
+    call = AsyncClient(path).call
+    big = {"pad": "x" * (8 << 20)}
+    try:
+        with pytest.raises(BusyError) as err:
+            if loop == "asyncio":
+                asyncio.run(call("ping", big))
+            else:
+                trio.run(call, "ping", big)
+    finally:
+        server.join(5)
+        listener.close()
+    assert err.value.data == {"max_connections": 1}

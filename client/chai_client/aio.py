@@ -11,6 +11,7 @@ imported only when the caller runs under trio.
 from __future__ import annotations
 
 import itertools
+import socket
 import sys
 import time
 from pathlib import Path
@@ -48,29 +49,41 @@ def _broken(exc: Exception) -> bool:
 
 
 class _AsyncioStream:
-    def __init__(self, reader: Any, writer: Any) -> None:
-        self.reader, self.writer = reader, writer
+    """A non-blocking socket driven by the running asyncio loop.
+
+    Not asyncio's stream classes: when a send fails because the daemon refused the
+    connection and closed it, their transport discards whatever the daemon had already
+    written, so the refusal's reason would be lost. A plain socket keeps those bytes
+    readable after the failed send.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        import asyncio
+
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
 
     @classmethod
     async def connect(cls, path: str) -> _AsyncioStream:
         import asyncio
 
-        reader, writer = await asyncio.open_unix_connection(path, limit=RECV_CHUNK)
-        return cls(reader, writer)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
 
     async def send_all(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        await self.loop.sock_sendall(self.sock, data)
 
     async def receive_some(self) -> bytes:
-        return await self.reader.read(RECV_CHUNK)
+        return await self.loop.sock_recv(self.sock, RECV_CHUNK)
 
     async def aclose(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except OSError:
-            pass
+        self.sock.close()
 
 
 class _TrioStream:
