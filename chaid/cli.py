@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chaid import __version__
-from chaid.config import load_settings
+from chaid.config import MODEL_CFG_SCALE, load_settings
 from chaid.demo import register_demo
 from chaid.errors import ChaidError
 from chaid.server.cli import register_bench_daemon, register_bench_rpc, register_serve
@@ -66,7 +66,9 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
     p.add_argument("--width", type=int, help="width in pixels (default: the model's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 30)")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: 7)")
+    p.add_argument(
+        "--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)"
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the run's facts")
     _add_model_flags(p)
@@ -82,15 +84,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipeline = Pipeline.from_settings(settings)
     load_ms = (time.perf_counter() - t0) * 1000.0
-    request = GenerationRequest(
+    request = pipeline.resolve(GenerationRequest(
         prompt=args.prompt,
         frames=args.frames,
         height=args.height,
         width=args.width,
         steps=settings.sampler.steps,
-        cfg_scale=settings.sampler.cfg_scale,
+        cfg_scale=(
+            MODEL_CFG_SCALE if settings.sampler.cfg_scale is None else settings.sampler.cfg_scale
+        ),
         seed=args.seed,
-    )
+    ))
     bar = ProgressBar(sys.stderr, request.steps) if sys.stderr.isatty() else None
     result = pipeline.generate(request, on_step=bar.update if bar else None)
     if bar:

@@ -47,7 +47,8 @@ class SamplerSettings:
     # Denoising steps of a full run: more steps, better video, linearly more time.
     steps: int = 30
     # Classifier-free guidance scale: higher follows the prompt harder at the cost of variety.
-    cfg_scale: float = 7.0
+    # Unset: the model's own (7.0 for OpenSora 1.2, tuned per preset; `chaid models list`).
+    cfg_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ class Settings:
             )
         if not 1 <= self.sampler.steps <= MAX_STEPS:
             raise ConfigError(f"sampler.steps must be in 1..{MAX_STEPS}, not {self.sampler.steps}")
-        if not 0.0 <= self.sampler.cfg_scale <= MAX_CFG_SCALE:
+        scale = self.sampler.cfg_scale
+        if scale is not None and not 0.0 <= scale <= MAX_CFG_SCALE:
             raise ConfigError(
                 f"sampler.cfg_scale must be in 0..{MAX_CFG_SCALE}, not {self.sampler.cfg_scale}"
             )
@@ -260,6 +262,8 @@ DTYPE_NAMES = {"float32", "float16", "bfloat16"}
 MAX_STEPS = 1000
 # Guidance far beyond the usual 1..15 saturates every pixel; refuse it as a likely typo.
 MAX_CFG_SCALE = 100.0
+# A request's cfg_scale meaning "the model preset's guidance scale" (ModelSpec.cfg_scale).
+MODEL_CFG_SCALE = "model"
 
 
 def load_settings(

@@ -26,6 +26,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from chaid.config import MODEL_CFG_SCALE
+
 PROTOCOL_VERSION = 1
 
 REQUEST = 0
@@ -369,7 +371,8 @@ _PROMPT_AND_SIZE: dict[str, Param] = {
 # Noise seed and guidance, shared by the methods that generate.
 _SAMPLING: dict[str, Param] = {
     "seed": Param(_int_in(0, MAX_SEED), default=0),
-    "cfg_scale": Param(_optional(_number_in(0.0, 100.0)), default=7.0),
+    # Left out: the model's own scale (the engine resolves MODEL_CFG_SCALE).
+    "cfg_scale": Param(_optional(_number_in(0.0, 100.0)), default=MODEL_CFG_SCALE),
 }
 _DEADLINE: dict[str, Param] = {
     "deadline_s": Param(_optional(_number_in(0.0, lambda lim: lim.max_deadline_s,

@@ -9,7 +9,7 @@ from chaid.errors import ConfigError
 def test_defaults():
     s = load_settings(env={})
     assert (s.model.name, s.model.device, s.model.weights) == ("tiny-shapes", "auto", None)
-    assert (s.sampler.steps, s.sampler.cfg_scale) == (30, 7.0)
+    assert (s.sampler.steps, s.sampler.cfg_scale) == (30, None)  # None: the model's
 
 
 def test_file_then_environment_then_flags(tmp_path):

@@ -45,7 +45,7 @@ def test_request_frames():
 def test_generate_params_defaults_and_bounds():
     p = validate_params("generate", {"prompt": "a fox"}, LIMITS)
     assert p["cache"] == "auto" and p["format"] == "mp4" and p["seed"] == 0
-    assert p["frames"] is None and p["cfg_scale"] == 7.0
+    assert p["frames"] is None and p["cfg_scale"] == protocol.MODEL_CFG_SCALE
     assert validate_params("generate", {"prompt": "a", "cfg_scale": None}, LIMITS)[
         "cfg_scale"] is None
     bad = [
@@ -88,12 +88,24 @@ def test_array_ext_roundtrip_and_refusals():
             protocol.unpack_array(msgpack.packb(header) + payload)
 
 
+def test_client_leaves_out_the_guidance_scale_unless_given():
+    from chai_client._calls import generate_params
+
+    common = dict(frames=None, height=None, width=None, seed=0, cache="auto", steps=None,
+                  format="mp4", progress=False, deadline_s=None)
+    default = generate_params("a fox", cfg_scale=client_protocol.MODEL_CFG_SCALE, **common)
+    assert "cfg_scale" not in default
+    assert validate_params("generate", default, LIMITS)["cfg_scale"] == protocol.MODEL_CFG_SCALE
+    assert generate_params("a fox", cfg_scale=None, **common)["cfg_scale"] is None
+    assert generate_params("a fox", cfg_scale=4.0, **common)["cfg_scale"] == 4.0
+
+
 def test_client_mirror_agrees_with_the_daemon():
     daemon_codes = {v for k, v in vars(ErrorCode).items() if k.isupper() and k != "ALL"}
     client_codes = {v for k, v in vars(client_protocol.ErrorCode).items() if k.isupper()}
     assert daemon_codes == client_codes == ErrorCode.ALL
     for name in ("PROTOCOL_VERSION", "REQUEST", "RESPONSE", "NOTIFICATION", "NDARRAY_EXT",
-                 "MAX_REQUEST_ID", "ARRAY_KINDS"):
+                 "MAX_REQUEST_ID", "ARRAY_KINDS", "MODEL_CFG_SCALE"):
         assert getattr(protocol, name) == getattr(client_protocol, name), name
     frames = np.zeros((1, 2, 2, 3), np.uint8)
     unpacker = client_protocol.make_unpacker()

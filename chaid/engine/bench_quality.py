@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chaid.config import ChaiSettings
+from chaid.config import MODEL_CFG_SCALE, ChaiSettings
 from chaid.engine.intra_cache import IntraCacheSettings
 from chaid.engine.nirvana import NirvanaSettings, substituted_request
 from chaid.engine.pipeline import GenerationRequest, GenerationResult, Pipeline, resolve_device
@@ -79,7 +79,8 @@ class QualityBenchConfig:
     # Cache budget as a fraction of the measured stream, in CHAI entries (paper: 10%).
     budget_fraction: float = 0.10
     seed: int = 0
-    cfg_scale: float | None = 7.0
+    # MODEL_CFG_SCALE: the model preset's own guidance scale.
+    cfg_scale: float | str | None = MODEL_CFG_SCALE
     chai: ChaiSettings = field(default_factory=ChaiSettings)
     intra: IntraCacheSettings = field(default_factory=IntraCacheSettings)
     nirvana: NirvanaSettings = field(default_factory=NirvanaSettings)
@@ -373,7 +374,7 @@ class QualityBench:
                 "serve": cfg.serve,
                 "budget_fraction": cfg.budget_fraction,
                 "seed": cfg.seed,
-                "cfg_scale": cfg.cfg_scale,
+                "cfg_scale": self.base.cfg_scale,
                 "chai": dataclasses.asdict(cfg.chai),
                 "intra": dataclasses.asdict(cfg.intra),
                 "nirvana": dataclasses.asdict(cfg.nirvana),

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chaid.config import Settings
+from chaid.config import MODEL_CFG_SCALE, Settings
 from chaid.engine.pipeline import GenerationRequest, GenerationResult, Pipeline
 from chaid.models import ModelParts
 from chaid.models.weights import resolve_weights_file
@@ -145,7 +145,8 @@ class ChaiEngine:
     # -- requests ---------------------------------------------------------------------------
 
     def resolve(self, prompt: str, *, frames: int | None = None, height: int | None = None,
-                width: int | None = None, seed: int = 0, cfg_scale: float | None = 7.0,
+                width: int | None = None, seed: int = 0,
+                cfg_scale: float | str | None = MODEL_CFG_SCALE,
                 steps: int | None = None) -> GenerationRequest:
         """A validated request with the preset's defaults filled in; InputError if invalid
         (e.g. a size the VAE cannot encode)."""

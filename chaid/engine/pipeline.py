@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from chaid.config import MAX_CFG_SCALE, MAX_STEPS, ChaiSettings, Settings
+from chaid.config import MAX_CFG_SCALE, MAX_STEPS, MODEL_CFG_SCALE, ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention
 from chaid.engine.intra_cache import IntraCacheSettings, make_intra_cache
 from chaid.engine.sampler import Guidance, StepHook, sample, schedule, transform_ratio
@@ -45,8 +45,9 @@ class GenerationRequest:
     width: int | None = None
     fps: int | None = None
     steps: int = 30
-    # None: no guidance (conditional branch only, half the compute).
-    cfg_scale: float | None = 7.0
+    # None: no guidance (conditional branch only, half the compute); MODEL_CFG_SCALE: the
+    # model preset's scale (ModelSpec.cfg_scale).
+    cfg_scale: float | str | None = MODEL_CFG_SCALE
     seed: int = 0
     # Fast mode: step k → cached z_k of an earlier full run; Cache Attention runs at the
     # pipeline's cache_steps with these. None: plain self-attention everywhere.
@@ -156,6 +157,8 @@ class Pipeline:
         steps = _check_int("steps", request.steps, 1, MAX_STEPS)
         seed = _check_int("seed", request.seed, 0, MAX_SEED)
         scale = request.cfg_scale
+        if scale == MODEL_CFG_SCALE:
+            scale = spec.cfg_scale
         if scale is not None:
             if (
                 isinstance(scale, bool)

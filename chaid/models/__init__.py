@@ -54,6 +54,9 @@ class ModelSpec:
     # Trained DiT weights shipped with chaid, used when no weights are given; None: the
     # preset ships none and starts from a seeded initialisation.
     dit_weights: Path | None = None
+    # Classifier-free guidance scale of a request that leaves it out: OpenSora 1.2's 7.0,
+    # or what the suite measured best for a preset trained here.
+    cfg_scale: float = 7.0
     # VAE v1.2 config of a preset whose weights directory has OpenSora's layout (stdit/,
     # vae/, t5/): its text encoder and VAE load from that directory. None: a one-file DiT
     # checkpoint and the two factories above.

@@ -59,6 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--threads", type=int, help="dit only: torch CPU threads (default: 1)"
     )
+    train.add_argument("--lr", type=float, help="dit only: peak learning rate (default: 3e-4)")
+    train.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        help="dit only: after warm-up, keep the rate or decay it to 1e-5 (default: constant)",
+    )
+    train.add_argument("--batch-size", type=int, help="dit only: clips per step (default: 16)")
+    train.add_argument(
+        "--two-object-prob",
+        type=float,
+        help="dit only: share of training scenes with two objects (default: 0.3)",
+    )
     train.set_defaults(func=_cmd_train)
 
     judge = commands.add_parser(
@@ -131,6 +143,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ("init", args.init),
             ("object_weight", args.object_weight),
             ("threads", args.threads),
+            ("lr", args.lr),
+            ("lr_schedule", args.lr_schedule),
+            ("batch_size", args.batch_size),
+            ("two_object_prob", args.two_object_prob),
         )
         if v is not None
     }

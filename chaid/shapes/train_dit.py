@@ -20,11 +20,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,10 @@ class DitTrainConfig:
     # Peak learning rate after warm-up.
     lr: float = 3e-4
     warmup_steps: int = 200
+    # After warm-up: "constant", or "cosine" down to lr_final at the last step. A decay
+    # settles the weights in the basin a constant rate keeps them bouncing around.
+    lr_schedule: str = "constant"
+    lr_final: float = 1e-5
     # Exponential moving average of the weights: higher is smoother but slower to follow.
     ema_decay: float = 0.999
     # Fraction of captions replaced by the null caption (needed for guidance).
@@ -72,6 +77,9 @@ class DitTrainConfig:
     # are what the prompt names and where motion lives, but they cover a tenth of the frame,
     # so plain MSE is dominated by background texture. 0 gives the plain rectified-flow MSE.
     object_weight: float = 0.0
+    # Share of training scenes with two objects; None keeps the world's default (0.3).
+    # Pairs are where the model is weakest (binding each attribute to the right object).
+    two_object_prob: float | None = None
     # DiT weights to start from (a safetensors file) instead of the seeded initialisation:
     # a second training stage continues the first one's model with a fresh optimiser.
     init: str | None = None
@@ -143,7 +151,10 @@ def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.
     when the loss does not weight objects).
     """
     spec = parts.spec
-    scenes = [sample_scene(rng, TRAINING_DISTRIBUTION) for _ in range(cfg.dataset_size)]
+    dist = TRAINING_DISTRIBUTION
+    if cfg.two_object_prob is not None:
+        dist = replace(dist, two_object_prob=cfg.two_object_prob)
+    scenes = [sample_scene(rng, dist) for _ in range(cfg.dataset_size)]
     shape = parts.vae.latent_shape(spec.frames, spec.height, spec.width)
     latents = torch.empty((cfg.dataset_size, *shape), dtype=torch.float16)
     masks = (
@@ -208,6 +219,19 @@ def flow_loss(
     return torch.mean(err * weight[:, None]) / torch.mean(weight)
 
 
+def learning_rate(cfg: DitTrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) under ``cfg``'s schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+        done = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.lr_final + (cfg.lr - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * done))
+    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: use constant or cosine")
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -236,6 +260,7 @@ def train_dit(
     text encoder and VAE are used frozen.
     """
     cfg = cfg or DitTrainConfig()
+    learning_rate(cfg, cfg.steps)  # an unknown schedule fails before the dataset is built
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out
@@ -282,7 +307,7 @@ def train_dit(
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         # 2. step
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+            group["lr"] = learning_rate(cfg, step)
         weight = None
         if object_masks is not None:
             weight = 1.0 + cfg.object_weight * object_masks[idx].float()
@@ -331,8 +356,9 @@ def export_checkpoint(
 ) -> Path:
     """Write the EMA weights of a training checkpoint as ``dit.safetensors`` (fp16).
 
-    The learning rate has no decay, so the checkpoint at step N of a run equals the end of
-    a run of N steps with the same config: exporting it ships that run's weights.
+    With the constant schedule the checkpoint at step N of a run equals the end of a run of
+    N steps with the same config, so exporting it ships that run's weights; with a decay,
+    an early checkpoint is a run whose learning rate had not yet come down.
     """
     state = torch.load(Path(checkpoint), weights_only=True)
     dit = build_parts(model, init=True).dit
@@ -340,6 +366,10 @@ def export_checkpoint(
     return save_weights(
         dit.half(), Path(out_dir) / WEIGHTS, metadata={"model": model, "steps": str(state["step"])}
     )
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def cli_train(
@@ -350,6 +380,10 @@ def cli_train(
     init: Path | None = None,
     object_weight: float | None = None,
     threads: int | None = None,
+    lr: float | None = None,
+    lr_schedule: str | None = None,
+    batch_size: int | None = None,
+    two_object_prob: float | None = None,
 ) -> dict:
     """`chaid shapes train dit`: train tiny-shapes; out None writes the shipped weights.
 
@@ -371,9 +405,24 @@ def cli_train(
         if not 1 <= threads <= 256:
             raise ChaidError("--threads must be in 1..256")
         fields["threads"] = threads
+    if lr is not None:
+        if not 0 < lr <= 1e-2:
+            raise ChaidError("--lr must be in (0, 0.01]")
+        fields["lr"] = lr
+    if lr_schedule is not None:
+        fields["lr_schedule"] = lr_schedule
+    if batch_size is not None:
+        if not 1 <= batch_size <= 1024:
+            raise ChaidError("--batch-size must be in 1..1024")
+        fields["batch_size"] = batch_size
+    if two_object_prob is not None:
+        if not 0 <= two_object_prob <= 1:
+            raise ChaidError("--two-object-prob must be in 0..1")
+        fields["two_object_prob"] = two_object_prob
     cfg = DitTrainConfig(**fields)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
-    stage = "-stage2" if init is not None else ""
+    # A stage started from other weights keeps its own checkpoint, named by their content.
+    stage = f"-from-{_digest(Path(init))}" if init is not None else ""
     ckpt = out / "checkpoint" if out is not None else cache / f"train-dit-seed{seed}{stage}"
     report = train_dit(out or SHIPPED_DIR, "tiny-shapes", cfg, checkpoint_dir=ckpt)
     return {

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from chai_client.errors import ProtocolViolation, RpcError
-from chai_client.protocol import NOTIFICATION, RESPONSE
+from chai_client.protocol import MODEL_CFG_SCALE, NOTIFICATION, RESPONSE
 
 # The path chaid.socket listens on; $CHAI_SOCKET overrides it.
 DEFAULT_SOCKET = "/run/chaid/chaid.sock"
@@ -22,7 +22,7 @@ def default_socket() -> Path:
 
 def generate_params(
     prompt: str, *, frames: int | None, height: int | None, width: int | None, seed: int,
-    cfg_scale: float | None, cache: str, steps: int | None, format: str, progress: bool,
+    cfg_scale: float | str | None, cache: str, steps: int | None, format: str, progress: bool,
     deadline_s: float | None,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {"prompt": prompt, "seed": seed, "cache": cache,
@@ -31,7 +31,8 @@ def generate_params(
                         ("steps", steps), ("deadline_s", deadline_s)):
         if value is not None:
             params[name] = value
-    params["cfg_scale"] = cfg_scale
+    if cfg_scale != MODEL_CFG_SCALE:  # left out: the daemon uses the model's own scale
+        params["cfg_scale"] = cfg_scale
     return params
 
 

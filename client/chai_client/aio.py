@@ -25,7 +25,7 @@ from chai_client._calls import (
     size_params,
 )
 from chai_client.errors import ConnectionLost, DaemonUnavailable
-from chai_client.protocol import MAX_REQUEST_ID, make_unpacker, pack_request
+from chai_client.protocol import MAX_REQUEST_ID, MODEL_CFG_SCALE, make_unpacker, pack_request
 from chai_client.results import GenerateResult, LookupResult
 
 RECV_CHUNK = 1 << 20
@@ -167,7 +167,7 @@ class AsyncClient:
 
     async def generate(
         self, prompt: str, *, frames: int | None = None, height: int | None = None,
-        width: int | None = None, seed: int = 0, cfg_scale: float | None = 7.0,
+        width: int | None = None, seed: int = 0, cfg_scale: float | str | None = MODEL_CFG_SCALE,
         cache: str = "auto", steps: int | None = None, format: str = "mp4",
         deadline_s: float | None = None, on_progress: ProgressCallback | None = None,
     ) -> GenerateResult:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from chai_client.errors import ChaiError, RpcError
+from chai_client.protocol import MODEL_CFG_SCALE
 from chai_client.sync import Client
 
 # Exit statuses: 1 the daemon refused or failed the request, 2 usage, 3 no daemon/connection.
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cfg-scale", type=float, default=7.0)
+    g.add_argument("--cfg-scale", type=float, default=MODEL_CFG_SCALE,
+                   help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--cache", choices=["auto", "off", "refresh"], default="auto",
                    help="auto: reuse a matching entry (default); refresh: force a miss; "
                    "off: no cache, --steps plain steps")

@@ -22,6 +22,8 @@ NOTIFICATION = 2
 
 NDARRAY_EXT = 1
 MAX_REQUEST_ID = 2**32 - 1
+# cfg_scale meaning "the daemon model's own scale": the client leaves the parameter out.
+MODEL_CFG_SCALE = "model"
 ARRAY_KINDS = frozenset("biuf")
 # Largest response accepted: a video of a few hundred frames at 1024x1024 as raw frames.
 MAX_RESPONSE_BYTES = 2 << 30

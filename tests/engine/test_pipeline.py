@@ -51,6 +51,19 @@ def test_result_shapes_defaults_and_timings(pipeline):
     assert res.video.shape == (spec.frames, spec.height, spec.width, 3)
 
 
+def test_left_out_guidance_scale_is_the_models(pipeline):
+    spec = pipeline.parts.spec
+    assert pipeline.resolve(GenerationRequest("x")).cfg_scale == spec.cfg_scale
+    assert pipeline.resolve(GenerationRequest("x", cfg_scale=3)).cfg_scale == 3.0
+    assert pipeline.resolve(GenerationRequest("x", cfg_scale=None)).cfg_scale is None
+    other = dataclasses.replace(spec, cfg_scale=2.5)
+    tuned = Pipeline(dataclasses.replace(pipeline.parts, spec=other), pipeline.device)
+    req = GenerationRequest("a red circle", steps=2)
+    assert tuned.resolve(req).cfg_scale == 2.5
+    assert torch.equal(tuned.generate(req).latent,
+                       pipeline.generate(dataclasses.replace(req, cfg_scale=2.5)).latent)
+
+
 def _guidance_velocity(pipeline, scale, z, t):
     text = pipeline.parts.text_encoder.encode(["a purple square bouncing"])
     g = Guidance(pipeline.parts.dit, text, scale, fps=8, height=32, width=32)

@@ -3,6 +3,7 @@
 import logging
 
 import numpy as np
+import pytest
 import torch
 
 from chaid.models import build_model, build_parts
@@ -13,6 +14,7 @@ from chaid.shapes.train_dit import (
     build_latent_dataset,
     flow_loss,
     latent_object_mask,
+    learning_rate,
     train_dit,
 )
 from chaid.shapes.world import Scene, ShapeObject, render_with_masks
@@ -106,3 +108,17 @@ def test_second_stage_starts_from_given_weights(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-2) for k in a)
     fresh = build_model("tiny-test").state_dict()
     assert not all(torch.allclose(a[k], fresh[k], atol=1e-2) for k in a)
+
+
+def test_learning_rate_schedules():
+    const = DitTrainConfig(steps=100, lr=1e-3, warmup_steps=10)
+    assert [learning_rate(const, s) for s in (0, 9)] == pytest.approx([1e-4, 1e-3])
+    assert learning_rate(const, 99) == learning_rate(const, 50) == 1e-3
+    cos = DitTrainConfig(steps=110, lr=1e-3, warmup_steps=10, lr_schedule="cosine", lr_final=1e-5)
+    rates = [learning_rate(cos, s) for s in range(110)]
+    assert rates[9] == pytest.approx(1e-3) and rates[10] == pytest.approx(1e-3)
+    assert rates[-1] == pytest.approx(1e-5)
+    assert rates[59] == pytest.approx((1e-3 + 1e-5) / 2, rel=0.02)  # half way down
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        learning_rate(DitTrainConfig(lr_schedule="linear", warmup_steps=0), 5)
