@@ -129,6 +129,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _register_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="inspect model weights", description="Model weights.")
     models_sub = p.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    ls = models_sub.add_parser(
+        "list",
+        help="the model presets and their defaults",
+        description="The model presets: default video size and rate, guidance scale, and"
+        " whether chaid ships trained weights for them.",
+    )
+    ls.add_argument("--json", action="store_true", help="print one JSON object per line")
+    ls.set_defaults(func=_cmd_models_list)
     v = models_sub.add_parser(
         "verify",
         help="check an OpenSora weights directory without loading it",
@@ -140,6 +148,36 @@ def _register_models(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--model", default="opensora-1.2", help="preset (default: opensora-1.2)")
     v.add_argument("--json", action="store_true", help="print the report as one JSON object")
     v.set_defaults(func=_cmd_models_verify)
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from chaid.models import PRESETS
+
+    for spec in PRESETS.values():
+        if spec.dit_weights is not None:
+            weights = "shipped"
+        elif spec.opensora_vae is not None:
+            weights = "--weights DIR"
+        else:
+            weights = "none (seeded)"
+        row = {
+            "name": spec.name,
+            "frames": spec.frames,
+            "height": spec.height,
+            "width": spec.width,
+            "fps": spec.fps,
+            "cfg_scale": spec.cfg_scale,
+            "weights": weights,
+            "description": spec.description,
+        }
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(
+                f"{spec.name:14} {spec.frames:3d} frames {spec.width}x{spec.height} @{spec.fps:2d} fps"
+                f"  cfg {spec.cfg_scale:<4g} weights: {weights:14} {spec.description}"
+            )
+    return 0
 
 
 def _cmd_models_verify(args: argparse.Namespace) -> int:

@@ -74,6 +74,12 @@ def test_generate_default_model_and_settings_from_environment(tmp_path):
     assert proc.returncode == 0, proc.stderr
     facts = json.loads(proc.stdout)
     assert facts["model"] == "tiny-shapes" and facts["steps"] == 3
+    from chaid.models import get_spec
+
+    assert facts["cfg_scale"] == get_spec("tiny-shapes").cfg_scale  # the model's own scale
+    listed = [json.loads(line) for line in run("models", "list", "--json").stdout.splitlines()]
+    shapes = next(m for m in listed if m["name"] == "tiny-shapes")
+    assert shapes["cfg_scale"] == facts["cfg_scale"] and shapes["weights"] == "shipped"
     assert read_video(out)[0].shape == (facts["frames"], facts["height"], facts["width"], 3)
 
 
