@@ -6,8 +6,9 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch that lies on this machine kind's disk; a CUDA box installs its own
 # torch first (see docs) and `make setup` leaves it alone because the range is satisfied.
 TORCH_SPEC ?= torch==2.13.0
-# Steps of the shipped DiT's second training stage (see docs/shapes.md).
+# Steps of the shipped DiT's second and third training stages (see docs/shapes.md).
 SHAPES_DIT_STAGE2_STEPS ?= 8000
+SHAPES_DIT_STAGE3_STEPS ?= 4500
 
 .PHONY: setup demo test lint gpu-check results shapes-eval shapes-dit clean
 
@@ -48,13 +49,19 @@ shapes-eval: setup
 	$(VENV)/bin/chaid shapes eval --threads 2 --json docs/shapes-eval.json \
 		--plot docs/shapes-eval.png --sheet docs/shapes-sheet.png
 
-# The shipped tiny-shapes DiT from scratch: stage 1 (plain rectified-flow loss), then stage 2
-# (object-weighted loss) from stage 1's weights; writes chaid/shapes/weights/dit.safetensors.
+# The shipped tiny-shapes DiT from scratch, in three stages (docs/shapes.md): 1 plain
+# rectified-flow loss; 2 object-weighted loss from stage 1's weights; 3 a fresh data seed,
+# more two-object scenes and a cosine learning-rate decay from stage 2's weights. The last
+# writes chaid/shapes/weights/dit.safetensors.
 SHAPES_DIT_STAGE1 ?= $(HOME)/.cache/chaid/dit-stage1
+SHAPES_DIT_STAGE2 ?= $(HOME)/.cache/chaid/dit-stage2
 shapes-dit: setup
 	$(VENV)/bin/chaid shapes train dit --steps 5500 --threads 2 --out $(SHAPES_DIT_STAGE1)
 	$(VENV)/bin/chaid shapes train dit --init $(SHAPES_DIT_STAGE1)/dit.safetensors \
-		--object-weight 4 --steps $(SHAPES_DIT_STAGE2_STEPS) --threads 2
+		--object-weight 4 --steps $(SHAPES_DIT_STAGE2_STEPS) --threads 2 --out $(SHAPES_DIT_STAGE2)
+	$(VENV)/bin/chaid shapes train dit --init $(SHAPES_DIT_STAGE2)/dit.safetensors --seed 1 \
+		--object-weight 4 --two-object-prob 0.5 --lr 2e-4 --lr-schedule cosine \
+		--steps $(SHAPES_DIT_STAGE3_STEPS) --threads 2
 
 lint: setup
 	$(VENV)/bin/ruff check chaid tests client

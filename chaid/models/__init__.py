@@ -130,6 +130,9 @@ PRESETS: dict[str, ModelSpec] = {
         width=64,
         fps=8,
         dit_weights=SHAPES_DIT_WEIGHTS,
+        # Best of 1.5-7 on the suite (docs/shapes.md): above it the model draws extra
+        # objects and loses shape, below it motion fades.
+        cfg_scale=2.0,
     ),
     "tiny-test": ModelSpec(
         name="tiny-test",
