@@ -99,6 +99,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated step counts (default: 1,2,4,8,16,30)",
     )
     ev.add_argument("--limit", type=int, help="only the first N items of the suite")
+    ev.add_argument(
+        "--stride", type=int, default=1, help="every Nth item of the suite (before --limit)"
+    )
+    ev.add_argument(
+        "--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)"
+    )
     ev.add_argument("--model", default="tiny-shapes", help="model preset (default: tiny-shapes)")
     ev.add_argument("--weights", type=Path, help="DiT weights (default: the preset's)")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -191,12 +197,14 @@ def _int_list(flag: str, text: str, low: int, high: int) -> list[int]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from chaid.config import MAX_STEPS
+    from chaid.config import MAX_STEPS, MODEL_CFG_SCALE
 
     steps = sorted(set(_int_list("--steps", args.steps, 1, MAX_STEPS)))
     sheet_items = _int_list("--sheet-items", args.sheet_items, 0, 10**6)
     if args.limit is not None and args.limit < 1:
         raise ChaidError("--limit must be at least 1")
+    if args.stride < 1:
+        raise ChaidError("--stride must be at least 1")
     if not 1 <= args.threads <= 256:
         raise ChaidError("--threads must be in 1..256")
     import torch
@@ -209,10 +217,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         suite._require_matplotlib()  # fail before the long run, not after it
     torch.set_num_threads(args.threads)
     logging.getLogger("chaid.shapes").setLevel(logging.INFO)
-    items = suite.evaluation_suite()[: args.limit]
-    keep = [i for i in sheet_items if i < len(items)] if args.sheet else []
+    items = suite.evaluation_suite()[:: args.stride][: args.limit]
+    chosen = {item.index for item in items}
+    keep = [i for i in sheet_items if i in chosen] if args.sheet else []
     pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"))
-    report = suite.evaluate_steps(pipeline, items, steps, keep_videos=keep)
+    scale = MODEL_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+    report = suite.evaluate_steps(pipeline, items, steps, keep_videos=keep, cfg_scale=scale)
     report["model"] = args.model
     if args.weights is not None:
         report["weights"] = str(args.weights)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from chaid.config import MODEL_CFG_SCALE
 from chaid.engine.pipeline import GenerationRequest, Pipeline
 from chaid.shapes.data import to_tensor, to_uint8
 from chaid.shapes.heldout import (
@@ -138,6 +139,7 @@ def evaluate_steps(
     *,
     judge: ShapesJudge | None = None,
     keep_videos: Sequence[int] = (),
+    cfg_scale: float | str | None = MODEL_CFG_SCALE,
 ) -> dict:
     """Generate every item at every step count and judge it against its prompt.
 
@@ -145,7 +147,8 @@ def evaluate_steps(
     group), ``references`` (renders and VAE round trips per group), ``rows`` (per item:
     prompt, group and per step count the overall score, attributes and latency) and
     ``videos`` (item index → {"render" or step count: frames}) for ``keep_videos``, which
-    the report's JSON form leaves out.
+    the report's JSON form leaves out. ``cfg_scale`` is the guidance of every run (default:
+    the model's); the report records the value used.
     """
     if not steps:
         raise ValueError("give at least one step count")
@@ -163,7 +166,8 @@ def evaluate_steps(
         row["vae"] = score(_vae_round_trip(pipeline, truth), item.prompt, judge)
         kept = {"render": truth} if item.index in keep else None
         for k in steps:
-            result = pipeline.generate(GenerationRequest(item.prompt, steps=k, seed=item.seed))
+            request = GenerationRequest(item.prompt, steps=k, seed=item.seed, cfg_scale=cfg_scale)
+            result = pipeline.generate(request)
             judged = score(result.video, item.prompt, judge)
             row[str(k)] = {
                 "overall": judged["overall"],
@@ -199,6 +203,7 @@ def evaluate_steps(
             "held_out": sum(r["group"] == "held-out" for r in rows),
         },
         "steps": list(steps),
+        "cfg_scale": pipeline.resolve(GenerationRequest("x", cfg_scale=cfg_scale)).cfg_scale,
         "results": results,
         "references": references,
         "rows": rows,

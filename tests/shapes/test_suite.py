@@ -52,6 +52,7 @@ def test_report_per_step_count_and_group(one_thread):
     items = evaluation_suite()[:HELD_OUT_EVERY]  # the last one is held out
     report = evaluate_steps(pipeline, items, (1, 3), keep_videos=[0])
     assert report["steps"] == [1, 3]
+    assert report["cfg_scale"] == pipeline.parts.spec.cfg_scale  # the model's by default
     assert {(r["steps"], r["group"]) for r in report["results"]} == {
         (k, g) for k in (1, 3) for g in ("all", "in-distribution", "held-out")
     }
@@ -76,12 +77,14 @@ def test_cli_writes_json_and_rejects_bad_steps(tmp_path):
     out = tmp_path / "eval.json"
     cmd = [sys.executable, "-m", "chaid", "shapes", "eval", "--model", "tiny-test"]
     done = subprocess.run(
-        [*cmd, "--limit", "2", "--steps", "2,1", "--json", str(out)],
+        [*cmd, "--limit", "2", "--stride", "5", "--steps", "2,1", "--cfg-scale", "3",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["steps"] == [1, 2] and report["suite"]["items"] == 2
-    assert "videos" not in report and len(report["rows"]) == 2
+    assert "videos" not in report and [r["index"] for r in report["rows"]] == [0, 5]
+    assert report["cfg_scale"] == 3.0
     bad = subprocess.run([*cmd, "--steps", "0,x"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--steps" in bad.stderr
