@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cfg-scale", type=float, default=MODEL_CFG_SCALE,
+    g.add_argument("--cfg-scale", type=float,
                    help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--cache", choices=["auto", "off", "refresh"], default="auto",
                    help="auto: reuse a matching entry (default); refresh: force a miss; "
@@ -112,10 +112,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     bar = _Progress() if sys.stderr.isatty() and not args.json else None
+    scale = MODEL_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     try:
         result = client.generate(
             args.prompt, frames=args.frames, height=args.height, width=args.width,
-            seed=args.seed, cfg_scale=args.cfg_scale, cache=args.cache, steps=args.steps,
+            seed=args.seed, cfg_scale=scale, cache=args.cache, steps=args.steps,
             deadline_s=args.deadline, on_progress=bar)
     finally:
         if bar:
