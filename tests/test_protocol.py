@@ -164,8 +164,8 @@ def test_fuzz_bytes_decode_or_refuse(data):
             pass
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "trio"])
-def test_async_client_reads_a_refusal_after_its_send_broke(tmp_path, loop):
+@pytest.mark.parametrize("loop", ["asyncio", "trio", "blocking"])
+def test_client_reads_a_refusal_after_its_send_broke(tmp_path, loop):
     """A daemon at its connection cap writes one error frame and closes without reading.
 
     The request here is larger than the socket buffers, so the client's send fails with a
@@ -176,7 +176,7 @@ def test_async_client_reads_a_refusal_after_its_send_broke(tmp_path, loop):
     import threading
 
     import trio
-    from chai_client import AsyncClient
+    from chai_client import AsyncClient, Client
     from chai_client.errors import BusyError
 
     path = str(tmp_path / "refuse.sock")
@@ -199,8 +199,11 @@ def test_async_client_reads_a_refusal_after_its_send_broke(tmp_path, loop):
         with pytest.raises(BusyError) as err:
             if loop == "asyncio":
                 asyncio.run(call("ping", big))
-            else:
+            elif loop == "trio":
                 trio.run(call, "ping", big)
+            else:
+                with Client(path, timeout=10) as client:
+                    client.call("ping", big)
     finally:
         server.join(5)
         listener.close()
