@@ -183,14 +183,10 @@ def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: in
 
 
 def _cmd_bench_daemon(args: argparse.Namespace) -> int:
+    from chaid.cli_args import int_list
     from chaid.errors import ChaidError
 
-    try:
-        levels = sorted({int(v) for v in args.clients.split(",") if v.strip()})
-    except ValueError:
-        raise ChaidError(f"--clients takes comma-separated integers, not {args.clients!r}") from None
-    if not levels or not all(1 <= n <= 64 for n in levels):
-        raise ChaidError("--clients values must be in 1..64")
+    levels = sorted(set(int_list("--clients", args.clients, 1, 64)))
     warm_n, serve_n = (4, 8) if args.quick else (args.warm, args.serve)
     if warm_n < 0 or serve_n < 1:
         raise ChaidError("--warm must be >= 0 and --serve >= 1")

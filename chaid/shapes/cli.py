@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from chaid.cli_args import int_list
 from chaid.errors import ChaidError
 
 # Training target → module that trains it. Each exposes
@@ -186,21 +187,11 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(flag: str, text: str, low: int, high: int) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ChaidError(f"{flag} takes comma-separated integers, not {text!r}") from None
-    if not values or any(not low <= v <= high for v in values):
-        raise ChaidError(f"{flag} values must be in {low}..{high}")
-    return values
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from chaid.config import MAX_STEPS, MODEL_CFG_SCALE
 
-    steps = sorted(set(_int_list("--steps", args.steps, 1, MAX_STEPS)))
-    sheet_items = _int_list("--sheet-items", args.sheet_items, 0, 10**6)
+    steps = sorted(set(int_list("--steps", args.steps, 1, MAX_STEPS)))
+    sheet_items = int_list("--sheet-items", args.sheet_items, 0, 10**6)
     if args.limit is not None and args.limit < 1:
         raise ChaidError("--limit must be at least 1")
     if args.stride < 1:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from chaid.cli_args import int_list
 from chaid.engine.bench_cli import (
     register_bench_ablation,
     register_bench_quality,
@@ -188,21 +189,19 @@ def _register_bench_cache(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_cache)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def _cmd_bench_cache(args: argparse.Namespace) -> int:
     from chaid.store.analysis import Analyzer
     from chaid.store.bench import load_prompts, run_cache_bench
 
+    budgets = int_list("--budgets", args.budgets, 1, 10**9)
+    sizes = int_list("--sizes", args.sizes, 1, 10**9, empty=True)
     settings = StoreSettings(embedder_threads=args.threads,
                              embedder_precision=args.embedder_precision).validate()
     report = run_cache_bench(
         load_prompts(args.prompts), Analyzer.from_settings(settings),
-        payload_bytes=args.payload_bytes, budget_entries=_ints(args.budgets),
+        payload_bytes=args.payload_bytes, budget_entries=budgets,
         policies=[x for x in args.policies.split(",") if x],
-        matchers=[x for x in args.matching.split(",") if x], sizes=_ints(args.sizes),
+        matchers=[x for x in args.matching.split(",") if x], sizes=sizes,
         latency_queries=args.latency_queries, seed=args.seed, work_dir=args.work_dir,
         base=settings,
     )
