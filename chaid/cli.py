@@ -173,10 +173,9 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(row))
         else:
-            print(
-                f"{spec.name:14} {spec.frames:3d} frames {spec.width}x{spec.height} @{spec.fps:2d} fps"
-                f"  cfg {spec.cfg_scale:<4g} weights: {weights:14} {spec.description}"
-            )
+            size = f"{spec.frames:3d} frames {spec.width}x{spec.height} @{spec.fps:2d} fps"
+            print(f"{spec.name:14} {size}  cfg {spec.cfg_scale:<4g} weights: {weights:14}"
+                  f" {spec.description}")
     return 0
 
 

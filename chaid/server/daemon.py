@@ -5,8 +5,9 @@ Start: settings → store (consistency check and index rebuild happen as it open
 listener, one :class:`~chaid.server.connection.Connection` per client, one device worker.
 Stop (SIGTERM or SIGINT): ``STOPPING=1``, close the listeners, answer new requests with
 ``shutting_down``, give in-flight requests ``server.grace_period_s`` to finish and their
-answers to be sent, cancel the rest (each gets a ``shutting_down`` error), close connections, flush and close the store,
-exit 0. A second signal skips what is left of the grace period.
+answers to be sent, cancel the rest (each gets a ``shutting_down`` error), close
+connections, flush and close the store, exit 0. A second signal skips what is left of the
+grace period.
 """
 
 from __future__ import annotations

@@ -154,6 +154,8 @@ def evaluate_steps(
         raise ValueError("give at least one step count")
     judge = judge or load_judge()
     spec = pipeline.parts.spec
+    # the model's scale when cfg_scale says so; an invalid one fails before any work
+    scale = pipeline.resolve(GenerationRequest("x", cfg_scale=cfg_scale)).cfg_scale
     keep = set(keep_videos)
     rows, videos = [], {}
     start = time.perf_counter()
@@ -166,7 +168,7 @@ def evaluate_steps(
         row["vae"] = score(_vae_round_trip(pipeline, truth), item.prompt, judge)
         kept = {"render": truth} if item.index in keep else None
         for k in steps:
-            request = GenerationRequest(item.prompt, steps=k, seed=item.seed, cfg_scale=cfg_scale)
+            request = GenerationRequest(item.prompt, steps=k, seed=item.seed, cfg_scale=scale)
             result = pipeline.generate(request)
             judged = score(result.video, item.prompt, judge)
             row[str(k)] = {
@@ -203,7 +205,7 @@ def evaluate_steps(
             "held_out": sum(r["group"] == "held-out" for r in rows),
         },
         "steps": list(steps),
-        "cfg_scale": pipeline.resolve(GenerationRequest("x", cfg_scale=cfg_scale)).cfg_scale,
+        "cfg_scale": scale,
         "results": results,
         "references": references,
         "rows": rows,

@@ -48,6 +48,10 @@ WEIGHTS = "dit.safetensors"
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
 
+# Learning-rate schedules after warm-up (see DitTrainConfig.lr_schedule).
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class DitTrainConfig:
     # Optimiser steps; quality keeps improving long after the loss curve looks flat.
@@ -89,6 +93,12 @@ class DitTrainConfig:
     # CPU threads for torch. One thread is robust on a shared machine: with two, OpenMP
     # workers spin against other processes and a step can take many times longer.
     threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"unknown lr_schedule {self.lr_schedule!r}: use {' or '.join(LR_SCHEDULES)}"
+            )
 
 
 @dataclass
@@ -225,11 +235,10 @@ def learning_rate(cfg: DitTrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        span = max(1, cfg.steps - 1 - cfg.warmup_steps)
-        done = min(1.0, (step - cfg.warmup_steps) / span)
-        return cfg.lr_final + (cfg.lr - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * done))
-    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: use constant or cosine")
+    # cosine (the config admits no other schedule)
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    done = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr_final + (cfg.lr - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -260,7 +269,6 @@ def train_dit(
     text encoder and VAE are used frozen.
     """
     cfg = cfg or DitTrainConfig()
-    learning_rate(cfg, cfg.steps)  # an unknown schedule fails before the dataset is built
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out
@@ -397,28 +405,23 @@ def cli_train(
         if not Path(init).is_file():
             raise ChaidError(f"--init {init}: no such weights file")
         fields["init"] = str(init)
-    if object_weight is not None:
-        if not 0 <= object_weight <= 100:
-            raise ChaidError("--object-weight must be in 0..100")
-        fields["object_weight"] = object_weight
-    if threads is not None:
-        if not 1 <= threads <= 256:
-            raise ChaidError("--threads must be in 1..256")
-        fields["threads"] = threads
+    for name, value, low, high in (
+        ("object_weight", object_weight, 0, 100),
+        ("threads", threads, 1, 256),
+        ("batch_size", batch_size, 1, 1024),
+        ("two_object_prob", two_object_prob, 0, 1),
+    ):
+        if value is None:
+            continue
+        if not low <= value <= high:
+            raise ChaidError(f"--{name.replace('_', '-')} must be in {low}..{high}")
+        fields[name] = value
     if lr is not None:
         if not 0 < lr <= 1e-2:
             raise ChaidError("--lr must be in (0, 0.01]")
         fields["lr"] = lr
     if lr_schedule is not None:
         fields["lr_schedule"] = lr_schedule
-    if batch_size is not None:
-        if not 1 <= batch_size <= 1024:
-            raise ChaidError("--batch-size must be in 1..1024")
-        fields["batch_size"] = batch_size
-    if two_object_prob is not None:
-        if not 0 <= two_object_prob <= 1:
-            raise ChaidError("--two-object-prob must be in 0..1")
-        fields["two_object_prob"] = two_object_prob
     cfg = DitTrainConfig(**fields)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
     # A stage started from other weights keeps its own checkpoint, named by their content.
