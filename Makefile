@@ -12,12 +12,13 @@ SHAPES_DIT_STAGE3_STEPS ?= 4500
 
 .PHONY: setup demo test lint gpu-check results shapes-eval shapes-dit clean
 
-$(VENV)/.installed: pyproject.toml client/pyproject.toml
+$(VENV)/.installed: pyproject.toml client/pyproject.toml lab/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet -e client/
+	$(PIP) install --quiet -e lab/
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,7 +26,7 @@ setup: $(VENV)/.installed
 # Starts a daemon on a temporary socket, runs a short session through the client (a miss,
 # two entity-sharing hits, an unrelated miss), prints the table, writes demo-out/, stops it.
 demo: setup
-	$(VENV)/bin/chaid demo --out demo-out
+	$(VENV)/bin/chaid-lab demo --out demo-out
 
 test: setup
 	$(PY) -m pytest -q
@@ -37,34 +38,34 @@ test: setup
 gpu-check: setup
 	$(PIP) install --quiet -e ".[$$($(PY) -c "import torch; print('gpu-cuda13' if (torch.version.cuda or '').startswith('13') else 'gpu')")]"
 	$(PY) -m pytest -q -rs -m gpu tests/kernels tests/models
-	$(PY) -m chaid.kernels.bench
-	$(PY) -m chaid.models.opensora_check
+	$(PY) -m chaid_lab.bench.kernel
+	$(PY) -m chaid_lab.gpu_check
 
 # Every table and plot of docs/results.md (about an hour on a 2-core CPU; `--quick` for minutes).
 results: setup
-	$(VENV)/bin/chaid bench report --out docs/results
+	$(VENV)/bin/chaid-lab bench report --out docs/results
 
 # The judge-vs-steps curve of docs/shapes.md, its plot and contact sheet.
 shapes-eval: setup
-	$(VENV)/bin/chaid shapes eval --threads 2 --json docs/shapes-eval.json \
+	$(VENV)/bin/chaid-lab shapes eval --threads 2 --json docs/shapes-eval.json \
 		--plot docs/shapes-eval.png --sheet docs/shapes-sheet.png
 
 # The shipped tiny-shapes DiT from scratch, in three stages (docs/shapes.md): 1 plain
 # rectified-flow loss; 2 object-weighted loss from stage 1's weights; 3 a fresh data seed,
 # more two-object scenes and a cosine learning-rate decay from stage 2's weights. The last
-# writes chaid/shapes/weights/dit.safetensors.
+# writes chaid/models/data/tiny-shapes/dit.safetensors.
 SHAPES_DIT_STAGE1 ?= $(HOME)/.cache/chaid/dit-stage1
 SHAPES_DIT_STAGE2 ?= $(HOME)/.cache/chaid/dit-stage2
 shapes-dit: setup
-	$(VENV)/bin/chaid shapes train dit --steps 5500 --threads 2 --out $(SHAPES_DIT_STAGE1)
-	$(VENV)/bin/chaid shapes train dit --init $(SHAPES_DIT_STAGE1)/dit.safetensors \
+	$(VENV)/bin/chaid-lab shapes train dit --steps 5500 --threads 2 --out $(SHAPES_DIT_STAGE1)
+	$(VENV)/bin/chaid-lab shapes train dit --init $(SHAPES_DIT_STAGE1)/dit.safetensors \
 		--object-weight 4 --steps $(SHAPES_DIT_STAGE2_STEPS) --threads 2 --out $(SHAPES_DIT_STAGE2)
-	$(VENV)/bin/chaid shapes train dit --init $(SHAPES_DIT_STAGE2)/dit.safetensors --seed 1 \
+	$(VENV)/bin/chaid-lab shapes train dit --init $(SHAPES_DIT_STAGE2)/dit.safetensors --seed 1 \
 		--object-weight 4 --two-object-prob 0.5 --lr 2e-4 --lr-schedule cosine \
 		--steps $(SHAPES_DIT_STAGE3_STEPS) --threads 2
 
 lint: setup
-	$(VENV)/bin/ruff check chaid tests client
+	$(VENV)/bin/ruff check chaid tests client lab
 
 clean:
 	rm -rf $(VENV) out demo-out .pytest_cache

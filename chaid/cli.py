@@ -17,11 +17,9 @@ from pathlib import Path
 
 from chaid import __version__
 from chaid.config import MODEL_CFG_SCALE, load_settings
-from chaid.demo import register_demo
 from chaid.errors import ChaidError
-from chaid.server.cli import register_bench_daemon, register_bench_rpc, register_serve
-from chaid.shapes.cli import register as register_shapes
-from chaid.store.cli import BENCH_COMMANDS, register_bench, register_cache
+from chaid.server.cli import register_serve
+from chaid.store.cli import register_cache
 
 log = logging.getLogger("chaid")
 
@@ -217,17 +215,11 @@ class ProgressBar:
         self.stream.flush()
 
 
-BENCH_COMMANDS.append(register_bench_rpc)
-BENCH_COMMANDS.append(register_bench_daemon)
-
 # Each entry adds one sub-command; modules that grow commands add their register here.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_generate,
     register_serve,
-    register_demo,
     register_cache,
-    register_bench,
-    register_shapes,
     _register_models,
 ]
 
@@ -236,16 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chaid", description="chaid: a caching sidecar daemon for text-to-video diffusion"
     )
-    parser.add_argument("--version", action="version", version=f"chaid {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_common_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTRARS:
         register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """--version and -v, which every chaid command line takes (the lab's too)."""
+    parser.add_argument("--version", action="version",
+                        version=f"{parser.prog} {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen sub-command's ``func``; return the exit status.
+
+    A ChaidError becomes one ``PROG: error: ...`` line and EXIT_USAGE, Ctrl-C exits 130:
+    no traceback for anything a user can cause.
+    """
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -254,11 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ChaidError as exc:
-        print(f"chaid: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("chaid: interrupted", file=sys.stderr)
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -74,8 +74,10 @@ def _unavailable(what: str) -> Callable[..., Any]:
     return build
 
 
-# Trained by `chaid shapes train dit` and shipped in the package.
-SHAPES_DIT_WEIGHTS = Path(__file__).resolve().parents[1] / "shapes" / "weights" / "dit.safetensors"
+# Weights that ship with the registry, one folder per preset (trained by the lab's
+# `chaid-lab shapes train`, see docs/shapes.md).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+SHAPES_DIT_WEIGHTS = DATA_DIR / "tiny-shapes" / "dit.safetensors"
 
 # The released STDiT3-XL/2 (OpenSora 1.2): the defaults of STDiT3Config.
 OPENSORA_12 = STDiT3Config()

@@ -9,7 +9,7 @@ runs at full resolution, residual blocks at 16×16 and 8×8, and one strided 3D 
 folds pairs of frames into one latent frame. The decoder mirrors it: two 3D convolutions unfold
 each latent frame into two, 2D blocks upsample to 16×16, and a pixel shuffle gives 64×64.
 
-Training (:mod:`chaid.shapes.train_vae`) is that of a KL autoencoder with a small KL weight,
+Training (:mod:`chaid_lab.shapes.train_vae`) is that of a KL autoencoder with a small KL weight,
 so the latent is smooth around the encoder's mean. :meth:`ShapesVAE.encode` returns the mean,
 shifted and scaled per channel to about zero mean and unit variance (the statistics are
 buffers saved with the weights): the DiT's rectified flow assumes latents of that scale.
@@ -28,7 +28,7 @@ from torch import nn
 from chaid.errors import InputError
 
 # Where the trained weights of the embedded default live, inside the package.
-SHAPES_VAE_WEIGHTS = Path(__file__).resolve().parents[1] / "shapes" / "weights" / "vae.safetensors"
+SHAPES_VAE_WEIGHTS = Path(__file__).resolve().parent / "data" / "tiny-shapes" / "vae.safetensors"
 
 
 # Initial log-variance of the encoder's posterior.

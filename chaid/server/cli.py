@@ -26,20 +26,6 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-def register_bench_rpc(bench_sub: argparse._SubParsersAction) -> None:
-    """``chaid bench rpc`` (the module is imported only when the command runs)."""
-    from chaid.server.bench import register_bench_rpc as register
-
-    register(bench_sub)
-
-
-def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
-    """``chaid bench daemon``: the Shapes stream through the daemon with concurrent clients."""
-    from chaid.server.bench_daemon import register_bench_daemon as register
-
-    register(bench_sub)
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     from chaid.config import load_settings
 

@@ -1,4 +1,5 @@
-"""Baseline seams: the block runner, NIRVANA's start step, the First-Block-Cache."""
+"""Baseline seams of the pipeline: the block runner, a run started from a stored latent
+(NIRVANA-VID's seam), the First-Block-Cache."""
 
 import dataclasses
 
@@ -7,7 +8,6 @@ import torch
 from modelkit import randomize_
 
 from chaid.engine.intra_cache import FirstBlockCache, IntraCacheSettings
-from chaid.engine.nirvana import NirvanaSettings, steps_run, substituted_request
 from chaid.engine.pipeline import GenerationRequest, Pipeline
 from chaid.engine.sampler import sample
 from chaid.errors import InputError
@@ -94,7 +94,7 @@ def test_start_at_a_captured_step_continues_the_run_exactly(pipeline):
         on_step=lambda step, t, z: seen.append(step),
     )
     assert seen == list(range(k, steps + 1))
-    assert cont.steps_run == steps - k + 1 == steps_run(steps, k)
+    assert cont.steps_run == steps - k + 1
     assert torch.equal(cont.captured[8], full.captured[8])
     assert torch.equal(cont.latent, full.latent)
 
@@ -124,30 +124,6 @@ def test_start_step_validation(pipeline):
         sample(lambda z, t, s: z, torch.zeros(1), [1000.0, 500.0], start_step=3)
 
 
-def test_nirvana_similarity_to_start_step():
-    s = NirvanaSettings().validate()
-    assert [s.start_step(c) for c in (0.99, 0.95, 0.92, 0.87, 0.81, 0.76, 0.7)] == [
-        25,
-        25,
-        20,
-        15,
-        10,
-        5,
-        None,
-    ]
-    assert s.min_similarity == 0.75
-    with pytest.raises(InputError):
-        NirvanaSettings(bands=((0.8, 10), (0.9, 20))).validate()
-    with pytest.raises(InputError):
-        NirvanaSettings(bands=((0.9, 12),)).validate()
-    latents = {k: torch.full((4, 4, 4, 4), float(k)) for k in s.capture_steps}
-    req = GenerationRequest(PROMPT, steps=8, capture_steps=(2,))
-    hit = substituted_request(req, latents, 0.91, s)
-    assert hit is not None and hit.start_step == 20 and hit.steps == 30
-    assert hit.capture_steps == () and torch.equal(hit.start_latent, latents[20])
-    assert substituted_request(req, latents, 0.5, s) is None
-    with pytest.raises(InputError):
-        substituted_request(req, {5: latents[5]}, 0.99, s)
 
 
 def test_intra_cache_skips_with_a_large_threshold_and_none_at_zero(pipeline):

@@ -1,4 +1,4 @@
-"""``chaid cache ...`` and ``chaid bench cache`` through the real command line."""
+"""``chaid cache ...`` and ``chaid-lab bench cache`` through the real command line."""
 
 from __future__ import annotations
 

@@ -1,5 +1,0 @@
-"""The Shapes world: procedural videos of coloured shapes and the prompts that describe them.
-
-:mod:`chaid.shapes.world` defines scenes, renders them and samples them; :mod:`chaid.shapes.prompts`
-writes a scene as English and reads attribute labels back out of a prompt.
-"""

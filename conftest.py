@@ -1,0 +1,32 @@
+"""Fixtures shared by the product's tests (tests/) and the lab's (lab/tests/).
+
+Helpers that tests import live in modules of their own (modelkit, storekit, daemonkit):
+several directories have a conftest.py, so ``import conftest`` would depend on the order
+pytest loads them in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is not present beside the repository")
+    return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one thread avoids OpenMP start-up and spinning on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

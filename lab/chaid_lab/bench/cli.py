@@ -1,0 +1,200 @@
+"""``chaid-lab bench ...``: the benchmark group.
+
+Importing this module is cheap: each benchmark imports torch, the store and the daemon's
+client inside its command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from chaid_lab.cli_args import int_list
+
+from chaid.store.settings import StoreSettings
+
+
+def register_bench_quality(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "quality",
+        help="CHAI vs full, plain few-step, NIRVANA-VID and an intra cache",
+        description="Serve the Shapes all-hit and stream workloads with every method in one "
+        "run: median latency, speedup vs full-30, judge score, hit rate (docs/baselines.md).",
+    )
+    p.add_argument("--json", type=Path, dest="json_out", help="write the report here")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few prompts per workload (CI smoke test; minutes on a CPU)",
+    )
+    p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
+    p.add_argument("--weights", help="DiT weights (default: the preset's shipped file)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--judge", help="judge weights (default: the shipped judge)")
+    p.add_argument("--pairs", type=int, help="entity-sharing pairs of the all-hit workload")
+    p.add_argument("--warm", type=int, help="unmeasured warm-up prompts of the stream")
+    p.add_argument("--serve", type=int, help="measured prompts of the stream")
+    p.add_argument("--workloads", default="", help="comma list of all-hit,stream (default both)")
+    p.add_argument(
+        "--intra-threshold",
+        type=float,
+        default=0.1,
+        help="First-Block-Cache threshold (default 0.1)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: torch's choice); on a busy CPU, 1 "
+        "avoids threads spinning against each other",
+    )
+    p.add_argument("--work-dir", type=Path, help="where the stores go (default: a temp dir)")
+    p.set_defaults(func=_cmd_bench_quality)
+
+
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    from chaid_lab.bench.quality import command
+
+    return command(args)
+
+
+def register_bench_ablation(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "ablation",
+        help="CHAI settings one at a time: fast steps, cached steps and blocks, k/v, dtype",
+        description="On all-hit Shapes pairs, vary one CHAI setting at a time from the "
+        "defaults; judge score, latency, speedup vs full-30 and bytes per entry.",
+    )
+    p.add_argument("--pairs", type=int, default=24, help="entity-sharing pairs (default 24)")
+    p.add_argument("--quick", action="store_true", help="2 pairs (CI smoke test)")
+    p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
+    p.add_argument("--weights", help="DiT weights (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the report here")
+    p.set_defaults(func=_cmd_bench_ablation)
+
+
+def _cmd_bench_ablation(args: argparse.Namespace) -> int:
+    from chaid_lab.bench.ablation import command
+
+    return command(args)
+
+
+def register_bench_report(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "report",
+        help="every table and plot of docs/results.md: quality, ablation, hit rates, daemon",
+        description="Run the quality benchmark, the ablation, the hit-rate replay and the "
+        "daemon benchmark; write results.json, tables.md and the plots into --out.",
+    )
+    p.add_argument("--out", type=Path, default=Path("results"), help="output directory")
+    p.add_argument("--quick", action="store_true", help="a few prompts per part (minutes)")
+    p.add_argument("--parts", default="", help="comma list of quality,ablation,hit_rates,"
+                   "daemon (default: all)")
+    p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench_report)
+
+
+def _cmd_bench_report(args: argparse.Namespace) -> int:
+    from chaid_lab.bench.report import command
+
+    return command(args)
+
+
+def _register_bench_cache(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "cache", help="hit rates, lookup latency and index recall of the latent cache",
+        description="Replay a prompt stream through lookup + insert for several budgets, "
+        "policies and both matchers; time lookups at several store sizes.")
+    p.add_argument("--prompts", type=Path, required=True, help="JSON list or text file")
+    p.add_argument("--json", type=Path, required=True, dest="json_out", help="report file")
+    p.add_argument("--payload-bytes", type=int, default=1_300_000,
+                   help="latent bytes written per miss (default 1.3 MB, the paper's)")
+    p.add_argument("--budgets", default="10,25,50,100,250",
+                   help="budgets in entries of the payload size (comma list)")
+    p.add_argument("--policies", default="lru,lfu,fifo,lcbfu")
+    p.add_argument("--matching", default="entity,prompt")
+    p.add_argument("--sizes", default="1000,10000,100000",
+                   help="store sizes of the latency runs (comma list; empty: none)")
+    p.add_argument("--latency-queries", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the embedder (default 1; 0: torch's default)")
+    p.add_argument("--embedder-precision", default="float32", choices=("float32", "bfloat16"),
+                   help="arithmetic of the embedder's linear layers (store.embedder_precision)")
+    p.add_argument("--work-dir", type=Path, help="where the stores go (default: a temp dir)")
+    p.add_argument("--plot", type=Path, help="also draw hit rate vs budget as a PNG "
+                   "(needs matplotlib)")
+    p.set_defaults(func=_cmd_bench_cache)
+
+
+def _cmd_bench_cache(args: argparse.Namespace) -> int:
+    from chaid_lab.bench.cache import load_prompts, run_cache_bench
+
+    from chaid.store.analysis import Analyzer
+
+    budgets = int_list("--budgets", args.budgets, 1, 10**9)
+    sizes = int_list("--sizes", args.sizes, 1, 10**9, empty=True)
+    settings = StoreSettings(embedder_threads=args.threads,
+                             embedder_precision=args.embedder_precision).validate()
+    report = run_cache_bench(
+        load_prompts(args.prompts), Analyzer.from_settings(settings),
+        payload_bytes=args.payload_bytes, budget_entries=budgets,
+        policies=[x for x in args.policies.split(",") if x],
+        matchers=[x for x in args.matching.split(",") if x], sizes=sizes,
+        latency_queries=args.latency_queries, seed=args.seed, work_dir=args.work_dir,
+        base=settings,
+    )
+    report["command"] = "chaid-lab " + " ".join(sys.argv[1:])
+    args.json_out.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        from chaid_lab.bench.cache import plot_hit_rates
+
+        plot_hit_rates(report, args.plot)
+    for row in report["results"]:
+        print(f"{row['matching']:>6} {row['policy']:>5} {row['budget_entries']:>5} entries "
+              f"({row['budget_bytes']} B): hit rate {row['hit_rate']:.3f}")
+    if report["lookup_ms"]:
+        lm = report["lookup_ms"]
+        print(f"lookup at {lm['entries']} entries: p50 {lm['p50']} ms, p99 {lm['p99']} ms")
+    return 0
+
+
+def _register_bench_threshold(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("threshold", help="calibrate the entity threshold on prompts")
+    p.add_argument("--prompts", type=Path, required=True, help="JSON list or text file")
+    p.add_argument("--json", type=Path, required=True, dest="json_out", help="report file")
+    p.set_defaults(func=_cmd_bench_threshold)
+
+
+def _cmd_bench_threshold(args: argparse.Namespace) -> int:
+    from chaid_lab.bench.cache import load_prompts
+    from chaid_lab.bench.threshold import calibrate_threshold
+
+    from chaid.store.analysis import Analyzer
+
+    report = calibrate_threshold(load_prompts(args.prompts),
+                                 Analyzer.from_settings(StoreSettings()))
+    args.json_out.write_text(json.dumps(report, indent=2))
+    best = report["at_threshold"]
+    print(f"threshold {report['threshold']}: precision {best['precision']}, "
+          f"recall {best['recall']} over {report['pairs']} entity pairs")
+    return 0
+
+
+def register_bench(sub: argparse._SubParsersAction) -> None:
+    from chaid_lab.bench.daemon import register_bench_daemon
+    from chaid_lab.bench.rpc import register_bench_rpc
+
+    p = sub.add_parser("bench", help="benchmarks", description="Run a benchmark.")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    for register in (_register_bench_cache, _register_bench_threshold, register_bench_quality,
+                     register_bench_ablation, register_bench_report, register_bench_rpc,
+                     register_bench_daemon):
+        register(bench_sub)

@@ -1,0 +1,218 @@
+"""``chaid-lab bench daemon``: a Shapes prompt stream through the real daemon, 1-16 clients.
+
+For every concurrency level a fresh ``chaid serve`` starts on a temporary socket and data
+directory, is warmed with the stream's first prompts (one client, unmeasured), and then
+serves the measured prompts from N client threads that take the next prompt from a shared
+queue, each over its own connection. Reported per level: wall time, throughput, p50/p99
+end-to-end latency seen by the client, hit rate and ``busy`` refusals (a refused request is
+retried after a short back-off, as a well-behaved client does).
+
+The same warm-up and stream also run in this process through
+:class:`~chaid.engine.chai.ChaiEngine` (lookup, generation, cache write, one after another,
+as the daemon's worker does), so the daemon's overhead is measured against it in one run.
+Videos come back as raw frames, so no MP4 encoding is timed on either side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_CLIENTS = (1, 4, 16)
+
+
+def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "daemon",
+        help="the Shapes stream through the real daemon with 1, 4 and 16 clients",
+        description="Throughput, p50/p99 latency and hit rate of a prompt stream served by "
+        "chaid serve to concurrent clients, against the same stream in process.",
+    )
+    p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
+    default = ",".join(map(str, DEFAULT_CLIENTS))
+    p.add_argument("--clients", default=default, help=f"concurrency levels (default {default})")
+    p.add_argument("--warm", type=int, default=20, help="unmeasured warm-up prompts (20)")
+    p.add_argument("--serve", type=int, default=96, help="measured prompts per level (96)")
+    p.add_argument("--seed", type=int, default=0, help="stream seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="4 warm-up and 8 measured prompts")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the report here")
+    p.set_defaults(func=_cmd_bench_daemon)
+
+
+def _level(clients: int, wall_s: float, runs: list[tuple[float, str]]) -> dict:
+    """One row of the report: ``runs`` are (end-to-end ms, "hit" / "miss") per request."""
+    from chaid_lab.bench.rpc import percentile
+
+    latencies = [ms for ms, _ in runs]
+    return {
+        "clients": clients,
+        "wall_s": round(wall_s, 2),
+        "throughput_rps": round(len(runs) / wall_s, 3),
+        "latency_ms": {
+            "p50": round(percentile(latencies, 0.5), 1),
+            "p99": round(percentile(latencies, 0.99), 1),
+            "mean": round(statistics.fmean(latencies), 1),
+        },
+        "hit_rate": round(sum(c == "hit" for _, c in runs) / len(runs), 3),
+    }
+
+
+def in_process(model: str, warm: list[str], serve: list[str], workdir: Path) -> dict:
+    """The stream through ChaiEngine in this process: the reference without any RPC."""
+    import torch
+
+    from chaid.config import load_settings
+    from chaid.engine.chai import ChaiEngine
+
+    torch.set_num_threads(1)  # the daemon's device worker uses one thread too (demo.start_daemon)
+    settings = load_settings(
+        overrides={"model": {"name": model}, "store": {"data_dir": str(workdir / "inproc")}}
+    )
+    engine = ChaiEngine.load(settings)
+    try:
+
+        def serve_one(prompt: str) -> tuple[float, str]:
+            t0 = time.perf_counter()
+            request = engine.resolve(prompt)
+            outcome = engine.generate(request, "auto", engine.lookup(request))
+            ms = (time.perf_counter() - t0) * 1e3
+            engine.insert(outcome)
+            return ms, outcome.cache
+
+        for prompt in warm:
+            serve_one(prompt)
+        t0 = time.perf_counter()
+        runs = [serve_one(p) for p in serve]
+        wall = time.perf_counter() - t0
+    finally:
+        engine.close()
+    return _level(0, wall, runs)
+
+
+def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
+                   workdir: Path) -> dict:
+    """A fresh daemon, warmed, then ``serve`` from ``clients`` concurrent connections."""
+    from chai_client import BusyError, Client
+    from chaid_lab.demo import start_daemon, wait_ready
+
+    workdir.mkdir(parents=True)
+    proc, sock, log_path = start_daemon(workdir, model)
+    try:
+        wait_ready(proc, sock, log_path)
+        with Client(sock) as c:
+            for prompt in warm:
+                c.generate(prompt, format="frames")
+        todo: queue.Queue[str] = queue.Queue()
+        for prompt in serve:
+            todo.put(prompt)
+        results: list[tuple[float, str]] = []
+        errors: list[BaseException] = []
+        busy = [0]
+        lock = threading.Lock()
+
+        def client_loop() -> None:
+            try:
+                with Client(sock, timeout=600) as c:
+                    while True:
+                        try:
+                            prompt = todo.get_nowait()
+                        except queue.Empty:
+                            return
+                        t0 = time.perf_counter()
+                        while True:
+                            try:
+                                r = c.generate(prompt, format="frames")
+                                break
+                            except BusyError:
+                                with lock:
+                                    busy[0] += 1
+                                time.sleep(0.05)
+                        ms = (time.perf_counter() - t0) * 1e3
+                        with lock:
+                            results.append((ms, r.cache))
+            except BaseException as exc:  # reported below; a benchmark must not hide errors
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        if errors:
+            raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]!r}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    return {**_level(clients, wall, results), "busy_retries": busy[0]}
+
+
+def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: int,
+                     serve_n: int, seed: int = 0) -> dict:
+    """The Shapes stream in process, then through a fresh daemon per client level."""
+    from chaid_lab.bench.quality import shapes_stream
+
+    stream = shapes_stream(warm_n + serve_n, seed)
+    warm, serve = stream[:warm_n], stream[warm_n:]
+    report: dict = {"model": model, "warm": warm_n, "serve": serve_n,
+                    "cpu_count": os.cpu_count(), "levels": []}
+    with tempfile.TemporaryDirectory(prefix="chaid-bench-daemon-") as tmp:
+        print(f"in process: {warm_n} warm-up + {serve_n} prompts", file=sys.stderr, flush=True)
+        ref = in_process(model, warm, serve, Path(tmp))
+        report["in_process"] = ref
+        for n in levels:
+            print(f"daemon, {n} client(s)", file=sys.stderr, flush=True)
+            level = through_daemon(model, n, warm, serve, Path(tmp) / f"daemon-{n}")
+            level["throughput_vs_in_process"] = round(
+                level["throughput_rps"] / ref["throughput_rps"], 3
+            )
+            report["levels"].append(level)
+    return report
+
+
+def _cmd_bench_daemon(args: argparse.Namespace) -> int:
+    from chaid_lab.cli_args import int_list
+
+    from chaid.errors import ChaidError
+
+    levels = sorted(set(int_list("--clients", args.clients, 1, 64)))
+    warm_n, serve_n = (4, 8) if args.quick else (args.warm, args.serve)
+    if warm_n < 0 or serve_n < 1:
+        raise ChaidError("--warm must be >= 0 and --serve >= 1")
+    report = run_daemon_bench(args.model, levels, warm_n, serve_n, args.seed)
+    print(format_table(report))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        f"{'clients':>10}{'wall s':>9}{'req/s':>8}{'vs in-proc':>11}{'p50 ms':>9}"
+        f"{'p99 ms':>9}{'hit rate':>9}{'busy':>6}"
+    ]
+    ref = report["in_process"]
+    lines.append(
+        f"{'in-proc':>10}{ref['wall_s']:>9.1f}{ref['throughput_rps']:>8.2f}{1.0:>11.2f}"
+        f"{ref['latency_ms']['p50']:>9.0f}{ref['latency_ms']['p99']:>9.0f}"
+        f"{ref['hit_rate']:>9.2f}{'':>6}"
+    )
+    for lv in report["levels"]:
+        lines.append(
+            f"{lv['clients']:>10}{lv['wall_s']:>9.1f}{lv['throughput_rps']:>8.2f}"
+            f"{lv['throughput_vs_in_process']:>11.2f}{lv['latency_ms']['p50']:>9.0f}"
+            f"{lv['latency_ms']['p99']:>9.0f}{lv['hit_rate']:>9.2f}{lv['busy_retries']:>6}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""`chaid-lab bench daemon`: a real daemon serves the stream to concurrent clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from daemonkit import BASE_ENV, REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_daemon_reports_every_level(tmp_path):
+    out = tmp_path / "daemon.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "chaid_lab", "bench", "daemon", "--model", "tiny-test",
+         "--clients", "3,1", "--warm", "2", "--serve", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, **BASE_ENV, "PYTHONPATH": f"{REPO}:{REPO / 'lab'}"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    assert [lv["clients"] for lv in report["levels"]] == [1, 3]
+    for lv in [report["in_process"], *report["levels"]]:
+        assert lv["throughput_rps"] > 0 and 0.0 <= lv["hit_rate"] <= 1.0
+        assert 0 < lv["latency_ms"]["p50"] <= lv["latency_ms"]["p99"]
+    # one client is served in order, like the in-process reference: the same hits
+    assert report["levels"][0]["hit_rate"] == report["in_process"]["hit_rate"]
+    assert "in-proc" in run.stdout
+
+
+def test_bench_daemon_rejects_bad_levels(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "chaid_lab", "bench", "daemon", "--clients", "0,x"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, **BASE_ENV, "PYTHONPATH": f"{REPO}:{REPO / 'lab'}"})
+    assert run.returncode != 0 and "--clients" in run.stderr
