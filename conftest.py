@@ -7,6 +7,7 @@ pytest loads them in.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not present beside the repository")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def vbench_prompts(shared_dir: Path) -> list[str]:
+    """VBench's 946 English prompts (../shared/data, Apache-2.0)."""
+    return [p["prompt_en"] for p in json.loads((shared_dir / "data" / "vbench_prompts.json")
+                                               .read_text())]
 
 
 @pytest.fixture

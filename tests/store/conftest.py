@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from storekit import VBENCH
 
 from chaid.store.analysis import Analyzer
 from chaid.store.settings import StoreSettings
@@ -15,10 +12,3 @@ from chaid.store.settings import StoreSettings
 def analyzer() -> Analyzer:
     # One torch thread: two spinning threads on a shared 2-core machine are ~40x slower.
     return Analyzer.from_settings(StoreSettings(embedder_threads=1))
-
-
-@pytest.fixture(scope="session")
-def vbench_prompts() -> list[str]:
-    if not VBENCH.exists():
-        pytest.skip("the VBench prompt list is not beside the repository")
-    return [p["prompt_en"] for p in json.loads(VBENCH.read_text())]

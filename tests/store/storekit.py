@@ -10,7 +10,6 @@ import numpy as np
 from chaid.store.analysis import PromptAnalysis
 from chaid.store.settings import StoreSettings
 
-VBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "vbench_prompts.json"
 # Dimension of the synthetic vectors of tests that exercise storage, not language.
 TOY_DIM = 16
 TOY_EMBEDDER = ("toy-embedder", TOY_DIM)

@@ -11,9 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from chaid_lab.cli_args import int_list
-
 from chaid.store.settings import StoreSettings
+from chaid_lab.cli_args import int_list
 
 
 def register_bench_quality(bench_sub: argparse._SubParsersAction) -> None:
@@ -135,9 +134,8 @@ def _register_bench_cache(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_cache(args: argparse.Namespace) -> int:
-    from chaid_lab.bench.cache import load_prompts, run_cache_bench
-
     from chaid.store.analysis import Analyzer
+    from chaid_lab.bench.cache import load_prompts, run_cache_bench
 
     budgets = int_list("--budgets", args.budgets, 1, 10**9)
     sizes = int_list("--sizes", args.sizes, 1, 10**9, empty=True)
@@ -174,10 +172,9 @@ def _register_bench_threshold(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench_threshold(args: argparse.Namespace) -> int:
+    from chaid.store.analysis import Analyzer
     from chaid_lab.bench.cache import load_prompts
     from chaid_lab.bench.threshold import calibrate_threshold
-
-    from chaid.store.analysis import Analyzer
 
     report = calibrate_threshold(load_prompts(args.prompts),
                                  Analyzer.from_settings(StoreSettings()))

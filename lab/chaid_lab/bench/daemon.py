@@ -102,6 +102,7 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
                    workdir: Path) -> dict:
     """A fresh daemon, warmed, then ``serve`` from ``clients`` concurrent connections."""
     from chai_client import BusyError, Client
+
     from chaid_lab.demo import start_daemon, wait_ready
 
     workdir.mkdir(parents=True)
@@ -182,9 +183,8 @@ def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: in
 
 
 def _cmd_bench_daemon(args: argparse.Namespace) -> int:
-    from chaid_lab.cli_args import int_list
-
     from chaid.errors import ChaidError
+    from chaid_lab.cli_args import int_list
 
     levels = sorted(set(int_list("--clients", args.clients, 1, 64)))
     warm_n, serve_n = (4, 8) if args.quick else (args.warm, args.serve)

@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from chaid_lab.baselines.nirvana import NirvanaSettings, substituted_request
 
 from chaid.config import MODEL_CFG_SCALE, ChaiSettings
 from chaid.engine.intra_cache import IntraCacheSettings
@@ -56,6 +55,7 @@ from chaid.store.analysis import Analyzer
 from chaid.store.cache import LatentCache
 from chaid.store.errors import EntryTooLargeError
 from chaid.store.settings import StoreSettings
+from chaid_lab.baselines.nirvana import NirvanaSettings, substituted_request
 
 log = logging.getLogger(__name__)
 

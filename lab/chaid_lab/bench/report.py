@@ -83,10 +83,9 @@ def _quality(cfg: ReportConfig) -> dict:
 
 
 def _ablation(cfg: ReportConfig) -> dict:
-    from chaid_lab.bench.ablation import run_ablation
-
     from chaid.engine.pipeline import Pipeline
     from chaid.models import build_parts
+    from chaid_lab.bench.ablation import run_ablation
 
     pipeline = Pipeline(build_parts(cfg.model), torch.device("cpu"))
     return run_ablation(pipeline, cfg.ablation_pairs, cfg.seed)
@@ -94,12 +93,11 @@ def _ablation(cfg: ReportConfig) -> dict:
 
 def _hit_rates(cfg: ReportConfig) -> dict:
     """The Shapes stream replayed through lookup + insert at several cache sizes."""
-    from chaid_lab.bench.cache import run_cache_bench
-    from chaid_lab.bench.quality import shapes_stream
-
     from chaid.models import get_spec
     from chaid.store.analysis import Analyzer
     from chaid.store.settings import StoreSettings
+    from chaid_lab.bench.cache import run_cache_bench
+    from chaid_lab.bench.quality import shapes_stream
 
     spec = get_spec(cfg.model)  # only the latent's size is needed: no DiT, no text encoder
     shape = spec.vae().latent_shape(spec.frames, spec.height, spec.width)
