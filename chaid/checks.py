@@ -35,7 +35,9 @@ def check_number(name: str, value: Any, low: float, high: float, *, open_low: bo
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise error(f"{name} must be a number, not {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value > high or value < low or (open_low and value == low):
+    if not math.isfinite(value):
+        raise error(f"{name} must be a finite number, not {value}")
+    if value > high or value < low or (open_low and value == low):
         raise error(f"{name} must be in {'(' if open_low else '['}{low}, {high}], not {value}")
     return value
 

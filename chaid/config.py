@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chaid.checks import check_choice, check_int, check_number
 from chaid.errors import ConfigError
+from chaid.limits import (
+    DEFAULT_LIMITS,
+    MAX_CFG_SCALE,
+    MAX_FRAMES,
+    MAX_PROMPT_CHARS,
+    MAX_SIDE,
+    MAX_STEPS,
+    RequestLimits,
+)
 from chaid.store.errors import StoreError
 from chaid.store.settings import StoreSettings
 
@@ -94,11 +104,12 @@ class ServerSettings:
     # generous and bounds the memory a hostile client can make the daemon buffer.
     max_message_bytes: int = 1 << 20
     # Longest prompt (characters); longer text is beyond every text encoder's context.
-    max_prompt_chars: int = 2000
-    # Bounds of generate parameters: they cap the device time and memory one request takes.
-    max_frames: int = 256
-    max_side: int = 1024
-    max_steps: int = 200
+    max_prompt_chars: int = DEFAULT_LIMITS.max_prompt_chars
+    # Bounds of generate parameters: they cap the device time and memory one request takes
+    # (at most chaid.limits' ceilings).
+    max_frames: int = DEFAULT_LIMITS.max_frames
+    max_side: int = DEFAULT_LIMITS.max_side
+    max_steps: int = DEFAULT_LIMITS.max_steps
     # Generations waiting for the device; one more is answered "busy" at once, so a client
     # learns to back off instead of queueing behind minutes of work.
     queue_size: int = 16
@@ -126,7 +137,7 @@ class ServerSettings:
     # transparently anyway); shorter frees slots held by forgotten clients sooner.
     idle_timeout_s: float = 300.0
     # Default and largest per-request deadline (queue wait + generation), in seconds.
-    request_timeout_s: float = 900.0
+    request_timeout_s: float = DEFAULT_LIMITS.max_deadline_s
     # On SIGTERM, in-flight requests get this long to finish before they are cancelled.
     grace_period_s: float = 30.0
     # Threads for cache lookups (spaCy + MiniLM on the CPU), apart from the device worker.
@@ -142,6 +153,12 @@ class ServerSettings:
     @property
     def socket_mode_bits(self) -> int:
         return int(self.socket_mode, 8)
+
+    @property
+    def limits(self) -> RequestLimits:
+        """The bounds the daemon holds requests to (the protocol checks them)."""
+        return RequestLimits(self.max_prompt_chars, self.max_frames, self.max_side,
+                             self.max_steps, self.request_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -160,33 +177,17 @@ class Settings:
             raise ConfigError(
                 f"model.device must be auto, cpu, cuda or cuda:N, not {self.model.device!r}"
             )
-        if self.model.text_dtype not in DTYPE_NAMES:
-            raise ConfigError(
-                f"model.text_dtype must be one of {sorted(DTYPE_NAMES)},"
-                f" not {self.model.text_dtype!r}"
-            )
-        if self.model.text_after_encode not in TEXT_AFTER_ENCODE:
-            raise ConfigError(
-                f"model.text_after_encode must be one of {list(TEXT_AFTER_ENCODE)},"
-                f" not {self.model.text_after_encode!r}"
-            )
-        if self.model.dtype not in DTYPE_NAMES:
-            raise ConfigError(
-                f"model.dtype must be one of {sorted(DTYPE_NAMES)}, not {self.model.dtype!r}"
-            )
-        if not 1 <= self.sampler.steps <= MAX_STEPS:
-            raise ConfigError(f"sampler.steps must be in 1..{MAX_STEPS}, not {self.sampler.steps}")
-        scale = self.sampler.cfg_scale
-        if scale is not None and not 0.0 <= scale <= MAX_CFG_SCALE:
-            raise ConfigError(
-                f"sampler.cfg_scale must be in 0..{MAX_CFG_SCALE}, not {self.sampler.cfg_scale}"
-            )
+        check_choice("model.text_dtype", self.model.text_dtype, sorted(DTYPE_NAMES), ConfigError)
+        check_choice("model.text_after_encode", self.model.text_after_encode, TEXT_AFTER_ENCODE,
+                     ConfigError)
+        check_choice("model.dtype", self.model.dtype, sorted(DTYPE_NAMES), ConfigError)
+        check_int("sampler.steps", self.sampler.steps, 1, MAX_STEPS, ConfigError)
+        if self.sampler.cfg_scale is not None:
+            check_number("sampler.cfg_scale", self.sampler.cfg_scale, 0.0, MAX_CFG_SCALE,
+                         error=ConfigError)
         chai = self.chai
         for name in ("full_steps", "fast_steps"):
-            if not 1 <= getattr(chai, name) <= MAX_STEPS:
-                raise ConfigError(
-                    f"chai.{name} must be in 1..{MAX_STEPS}, not {getattr(chai, name)}"
-                )
+            check_int(f"chai.{name}", getattr(chai, name), 1, MAX_STEPS, ConfigError)
         if any(not 1 <= k <= chai.fast_steps for k in chai.cache_steps):
             raise ConfigError(
                 f"chai.cache_steps must lie in 1..fast_steps, not {list(chai.cache_steps)}"
@@ -202,10 +203,7 @@ class Settings:
             ("kv_source", ("cache", "cache+current")),
             ("kernel", ("auto", "reference", "cupy")),
         ):
-            if getattr(chai, name) not in allowed:
-                raise ConfigError(
-                    f"chai.{name} must be one of {', '.join(allowed)}, not {getattr(chai, name)!r}"
-                )
+            check_choice(f"chai.{name}", getattr(chai, name), allowed, ConfigError)
         self._validate_server()
         try:
             self.store.validate()
@@ -218,22 +216,13 @@ class Settings:
         mode = srv.socket_mode
         if not (1 <= len(mode) <= 4 and all(c in "01234567" for c in mode)):
             raise ConfigError(f"server.socket_mode must be an octal mode like 0660, not {mode!r}")
-        for name in (
-            "max_message_bytes",
-            "max_prompt_chars",
-            "max_frames",
-            "max_side",
-            "max_steps",
-            "queue_size",
-            "max_inflight_per_connection",
-            "max_connections",
-            "max_connections_per_user",
-            "lookup_threads",
-        ):
+        for name in ("max_message_bytes", "queue_size", "max_inflight_per_connection",
+                     "max_connections", "max_connections_per_user", "lookup_threads"):
             if getattr(srv, name) < 1:
                 raise ConfigError(f"server.{name} must be at least 1, not {getattr(srv, name)}")
-        if srv.max_steps > MAX_STEPS:
-            raise ConfigError(f"server.max_steps must be at most {MAX_STEPS}")
+        for name, ceiling in (("max_prompt_chars", MAX_PROMPT_CHARS), ("max_frames", MAX_FRAMES),
+                              ("max_side", MAX_SIDE), ("max_steps", MAX_STEPS)):
+            check_int(f"server.{name}", getattr(srv, name), 1, ceiling, ConfigError)
         for name in ("read_timeout_s", "write_timeout_s", "idle_timeout_s",
                      "request_timeout_s"):
             if not getattr(srv, name) > 0:
@@ -258,10 +247,6 @@ class Settings:
 TEXT_AFTER_ENCODE = ("keep", "offload", "free")
 # dtype names accepted in settings; the engine maps them to torch dtypes.
 DTYPE_NAMES = {"float32", "float16", "bfloat16"}
-# More steps than this buys nothing for a rectified-flow sampler and only ties up the device.
-MAX_STEPS = 1000
-# Guidance far beyond the usual 1..15 saturates every pixel; refuse it as a likely typo.
-MAX_CFG_SCALE = 100.0
 # A request's cfg_scale meaning "the model preset's guidance scale" (ModelSpec.cfg_scale).
 MODEL_CFG_SCALE = "model"
 

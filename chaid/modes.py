@@ -65,8 +65,10 @@ _RUN_OF = {Outcome.HIT: RunKind.FAST, Outcome.MISS: RunKind.FULL, Outcome.OFF: R
 def decide(mode: CacheMode, hit: bool) -> Outcome:
     """The outcome of a request in ``mode`` whose lookup found an entry (``hit``) or not.
 
-    ``hit`` is only consulted in ``auto`` mode: ``refresh`` and ``off`` make no lookup.
+    ``hit`` is only consulted in ``auto`` mode: ``refresh`` and ``off`` make no lookup. A
+    plain string is taken as the mode it names (ValueError for any other).
     """
+    mode = CacheMode(mode)
     if mode is CacheMode.OFF:
         return Outcome.OFF
     if mode is CacheMode.AUTO and hit:
@@ -76,7 +78,7 @@ def decide(mode: CacheMode, hit: bool) -> Outcome:
 
 def needs_lookup(mode: CacheMode) -> bool:
     """Only ``auto`` looks the prompt up before it runs."""
-    return mode is CacheMode.AUTO
+    return CacheMode(mode) is CacheMode.AUTO
 
 
 def steps_for(run: RunKind, chai: ChaiSettings, requested: int) -> int:

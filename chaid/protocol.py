@@ -26,7 +26,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from chaid.checks import check_choice, check_int, check_number
 from chaid.config import MODEL_CFG_SCALE
+from chaid.limits import MAX_CFG_SCALE, MAX_SEED, MIN_SIDE, RequestLimits
+from chaid.modes import CacheMode
 
 PROTOCOL_VERSION = 1
 
@@ -262,67 +265,45 @@ METHODS: dict[str, bool] = {
     "cache.warm": True,
 }
 
-CACHE_MODES = ("auto", "off", "refresh")
+CACHE_MODES = tuple(mode.value for mode in CacheMode)
 VIDEO_FORMATS = ("mp4", "frames")
 # Largest number of entries one cache.list or cache.evict names; bounds response sizes.
 MAX_LIST = 10_000
-MAX_SEED = 2**63 - 1
+# Largest entry id: ids are LMDB keys of 8 bytes, signed for msgpack's sake.
+MAX_ENTRY_ID = 2**63 - 1
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The bounds a daemon enforces on parameters (from its [server] settings)."""
-
-    max_prompt_chars: int = 2000
-    max_frames: int = 256
-    max_side: int = 1024
-    max_steps: int = 200
-    max_deadline_s: float = 900.0
-
-
-Check = Callable[[str, Any, Limits], Any]
+Check = Callable[[str, Any, RequestLimits], Any]
 
 
 def _invalid(message: str) -> RpcError:
     return RpcError(ErrorCode.INVALID_PARAMS, message)
 
 
-def _int_in(low: int, high: Callable[[Limits], int] | int) -> Check:
-    def check(name: str, value: Any, limits: Limits) -> int:
-        top = high(limits) if callable(high) else high
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _invalid(f"{name} must be an integer, not {type(value).__name__}")
-        if not low <= value <= top:
-            raise _invalid(f"{name} must be in {low}..{top}, not {value}")
-        return value
+def _int_in(low: int, high: Callable[[RequestLimits], int] | int) -> Check:
+    def check(name: str, value: Any, limits: RequestLimits) -> int:
+        return check_int(name, value, low, high(limits) if callable(high) else high, _invalid)
 
     return check
 
 
-def _number_in(low: float, high: Callable[[Limits], float] | float, *, open_low=False) -> Check:
-    def check(name: str, value: Any, limits: Limits) -> float:
-        top = high(limits) if callable(high) else high
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _invalid(f"{name} must be a number, not {type(value).__name__}")
-        value = float(value)
-        if not math.isfinite(value) or value > top or value < low or (open_low and value == low):
-            raise _invalid(f"{name} must be in {'(' if open_low else '['}{low}, {top}], "
-                           f"not {value}")
-        return value
+def _number_in(low: float, high: Callable[[RequestLimits], float] | float, *,
+               open_low=False) -> Check:
+    def check(name: str, value: Any, limits: RequestLimits) -> float:
+        return check_number(name, value, low, high(limits) if callable(high) else high,
+                            open_low=open_low, error=_invalid)
 
     return check
 
 
 def _choice(options: tuple[str, ...]) -> Check:
-    def check(name: str, value: Any, limits: Limits) -> str:
-        if not isinstance(value, str) or value not in options:
-            raise _invalid(f"{name} must be one of {', '.join(options)}, not {value!r}")
-        return value
+    def check(name: str, value: Any, limits: RequestLimits) -> str:
+        return check_choice(name, value, options, _invalid)
 
     return check
 
 
-def _prompt(name: str, value: Any, limits: Limits) -> str:
+def _prompt(name: str, value: Any, limits: RequestLimits) -> str:
     if not isinstance(value, str):
         raise _invalid(f"{name} must be a string, not {type(value).__name__}")
     if len(value) > limits.max_prompt_chars:
@@ -335,23 +316,23 @@ def _prompt(name: str, value: Any, limits: Limits) -> str:
     return value
 
 
-def _bool(name: str, value: Any, limits: Limits) -> bool:
+def _bool(name: str, value: Any, limits: RequestLimits) -> bool:
     if not isinstance(value, bool):
         raise _invalid(f"{name} must be true or false, not {type(value).__name__}")
     return value
 
 
 def _optional(check: Check) -> Check:
-    def wrapped(name: str, value: Any, limits: Limits) -> Any:
+    def wrapped(name: str, value: Any, limits: RequestLimits) -> Any:
         return None if value is None else check(name, value, limits)
 
     return wrapped
 
 
-def _id_list(name: str, value: Any, limits: Limits) -> list[int]:
+def _id_list(name: str, value: Any, limits: RequestLimits) -> list[int]:
     if not isinstance(value, list) or not value or len(value) > MAX_LIST:
         raise _invalid(f"{name} must be a non-empty list of at most {MAX_LIST} entry ids")
-    return [_int_in(0, 2**63 - 1)(f"{name}[]", v, limits) for v in value]
+    return [check_int(f"{name}[]", v, 0, MAX_ENTRY_ID, _invalid) for v in value]
 
 
 @dataclass(frozen=True)
@@ -365,14 +346,14 @@ class Param:
 _PROMPT_AND_SIZE: dict[str, Param] = {
     "prompt": Param(_prompt, required=True),
     "frames": Param(_optional(_int_in(1, lambda lim: lim.max_frames))),
-    "height": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
-    "width": Param(_optional(_int_in(8, lambda lim: lim.max_side))),
+    "height": Param(_optional(_int_in(MIN_SIDE, lambda lim: lim.max_side))),
+    "width": Param(_optional(_int_in(MIN_SIDE, lambda lim: lim.max_side))),
 }
 # Noise seed and guidance, shared by the methods that generate.
 _SAMPLING: dict[str, Param] = {
     "seed": Param(_int_in(0, MAX_SEED), default=0),
     # Left out: the model's own scale (the engine resolves MODEL_CFG_SCALE).
-    "cfg_scale": Param(_optional(_number_in(0.0, 100.0)), default=MODEL_CFG_SCALE),
+    "cfg_scale": Param(_optional(_number_in(0.0, MAX_CFG_SCALE)), default=MODEL_CFG_SCALE),
 }
 _DEADLINE: dict[str, Param] = {
     "deadline_s": Param(_optional(_number_in(0.0, lambda lim: lim.max_deadline_s,
@@ -388,7 +369,7 @@ PARAMS: dict[str, dict[str, Param]] = {
         **_SAMPLING,
         # Only with cache="off": with the cache, the steps are the CHAI modes' (full/fast).
         "steps": Param(_optional(_int_in(1, lambda lim: lim.max_steps))),
-        "cache": Param(_choice(CACHE_MODES), default="auto"),
+        "cache": Param(_choice(CACHE_MODES), default=CacheMode.AUTO.value),
         "format": Param(_choice(VIDEO_FORMATS), default="mp4"),
         "progress": Param(_bool, default=False),
         **_DEADLINE,
@@ -411,7 +392,7 @@ PARAMS: dict[str, dict[str, Param]] = {
 }
 
 
-def validate_params(method: str, params: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+def validate_params(method: str, params: Mapping[str, Any], limits: RequestLimits) -> dict[str, Any]:
     """Checked parameters of a method with defaults filled in.
 
     Raises RpcError UNKNOWN_METHOD for a method not in :data:`METHODS`, INVALID_PARAMS for
@@ -433,7 +414,7 @@ def validate_params(method: str, params: Mapping[str, Any], limits: Limits) -> d
             out[name] = param.default
             continue
         out[name] = param.check(name, params[name], limits)
-    if method == "generate" and out["steps"] is not None and out["cache"] != "off":
+    if method == "generate" and out["steps"] is not None and out["cache"] != CacheMode.OFF:
         raise _invalid("steps may be given only with cache='off' (a hit runs the fast mode's "
                        "steps and a miss the full mode's)")
     return out

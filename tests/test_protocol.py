@@ -12,12 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chaid import protocol
-from chaid.protocol import ErrorCode, Limits, RpcError, parse_frame, validate_params
+from chaid.limits import RequestLimits
+from chaid.protocol import ErrorCode, RpcError, parse_frame, validate_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
 from chai_client import protocol as client_protocol  # noqa: E402
 
-LIMITS = Limits()
+LIMITS = RequestLimits()
 
 
 def test_request_frames():

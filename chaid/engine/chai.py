@@ -1,18 +1,15 @@
-"""CHAI orchestration: lookup → mode → sample → decode → cache write.
+"""CHAI orchestration: lookup → outcome → sample → decode → cache write.
 
-:class:`ChaiEngine` joins the generation pipeline and the latent cache. Its methods are
+:class:`ChaiEngine` joins the generation pipeline and the latent store. Its methods are
 synchronous and are called from worker threads: ``lookup`` only uses the CPU (spaCy,
 MiniLM, the index) and may run beside a generation; ``generate`` uses the device and must be
 called by one thread at a time per device (the daemon's device worker guarantees it);
 ``insert`` writes the store.
 
-Mode decision (DESIGN.md, Engine):
-
-* ``cache="auto"``: a hit runs the fast mode (``chai.fast_steps`` steps with Cache Attention
-  on the entry's latents); a miss runs the full mode (``chai.full_steps``) and its latents
-  z_k at ``chai.cache_steps`` are written to the cache.
-* ``cache="refresh"``: no lookup; a full run whose latents are written (forces a miss).
-* ``cache="off"``: neither lookup nor write; a plain run of ``steps`` steps.
+Which run a request gets, and with how many steps, is :mod:`chaid.modes`' rule (the table
+there; docs/architecture.md follows one request through it): in ``auto`` a hit runs fast
+with Cache Attention on the entry's latents, a miss runs full and its latents z_k at
+``chai.cache_steps`` are written; ``refresh`` forces a miss; ``off`` runs plain.
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from chaid.config import MODEL_CFG_SCALE, Settings
 from chaid.engine.pipeline import GenerationRequest, GenerationResult, Pipeline
 from chaid.models import ModelParts
 from chaid.models.weights import resolve_weights_file
+from chaid.modes import CacheMode, Outcome, RunKind, decide, steps_for
 from chaid.store.analysis import Analyzer
 from chaid.store.cache import InsertResult, LatentCache
 from chaid.store.errors import EntryNotFoundError
@@ -67,7 +65,7 @@ class ChaiOutcome:
     """What one generation did, beside its video."""
 
     result: GenerationResult
-    cache: str  # "hit", "miss" or "off"
+    outcome: Outcome
     request: GenerationRequest  # resolved: every size filled in
     lookup: LookupResult | None = None
     inserted: InsertResult | None = None
@@ -76,7 +74,7 @@ class ChaiOutcome:
     def matched(self) -> dict[str, Any] | None:
         """The matched entry and entity pairs with their cosines (None unless a hit)."""
         lk = self.lookup
-        if self.cache != "hit" or lk is None:
+        if self.outcome is not Outcome.HIT or lk is None:
             return None
         return {
             "entry_id": lk.entry_id,
@@ -109,12 +107,12 @@ def lookup_as_dict(lk: LookupResult) -> dict[str, Any]:
 
 
 class ChaiEngine:
-    """A warm pipeline plus the latent cache; see the module docstring for the modes."""
+    """A warm pipeline plus the latent store; see the module docstring for the modes."""
 
-    def __init__(self, pipeline: Pipeline, cache: LatentCache, fingerprint: str,
+    def __init__(self, pipeline: Pipeline, store: LatentCache, fingerprint: str,
                  default_steps: int = 30) -> None:
         self.pipeline = pipeline
-        self.cache = cache
+        self.store = store
         self.fingerprint = fingerprint
         self.default_steps = default_steps
 
@@ -123,7 +121,7 @@ class ChaiEngine:
         """Open the store (consistency check and index rebuild happen in its open), then the
         models. Raises ChaidError subclasses (store, weights, config)."""
         analyzer = Analyzer.from_settings(settings.store)
-        cache = LatentCache.open(settings.store, analyzer=analyzer)
+        store = LatentCache.open(settings.store, analyzer=analyzer)
         try:
             pipeline = Pipeline.from_settings(settings)
             spec = pipeline.parts.spec
@@ -133,14 +131,14 @@ class ChaiEngine:
             fingerprint = model_fingerprint(pipeline.parts, None if weights is None
                                             else str(weights))
         except BaseException:
-            cache.close()
+            store.close()
             raise
         log.info("model %s on %s, fingerprint %s, %d cached entries", spec.name,
-                 pipeline.device, fingerprint, len(cache))
-        return cls(pipeline, cache, fingerprint, settings.sampler.steps)
+                 pipeline.device, fingerprint, len(store))
+        return cls(pipeline, store, fingerprint, settings.sampler.steps)
 
     def close(self) -> None:
-        self.cache.close()
+        self.store.close()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -160,57 +158,57 @@ class ChaiEngine:
 
     def lookup(self, request: GenerationRequest, touch: bool = True) -> LookupResult:
         """Which cached entry would serve this request, and why (CPU only)."""
-        return self.cache.lookup(request.prompt, self.fingerprint, self.latent_shape(request),
+        return self.store.lookup(request.prompt, self.fingerprint, self.latent_shape(request),
                                  touch=touch)
 
     def generate(
         self,
         request: GenerationRequest,
-        mode: str,
+        mode: CacheMode,
         lookup: LookupResult | None = None,
         on_step: Callable[[int, float, torch.Tensor], None] | None = None,
     ) -> ChaiOutcome:
         """Run one resolved request on the device.
 
-        ``mode``: "auto" with a ``lookup`` already made (hit → fast, miss → full),
-        "refresh" (full) or "off" (plain, ``request.steps`` steps). Whatever ``on_step``
-        raises stops the run and propagates; nothing is written to the cache then.
-        Writing a miss's latents is left to :meth:`insert` so the device is free meanwhile.
+        ``mode``: AUTO with a ``lookup`` already made (hit → fast, miss → full), REFRESH
+        (full) or OFF (plain, ``request.steps`` steps). Whatever ``on_step`` raises stops
+        the run and propagates; nothing is written to the cache then. Writing a miss's
+        latents is left to :meth:`insert` so the device is free meanwhile.
         """
         chai = self.pipeline.chai
         timings: dict[str, float] = {}
-        if mode == "off":
-            result = self.pipeline.generate(request, on_step)
-            return ChaiOutcome(result, "off", request, lookup, timings_ms=timings)
+        outcome = decide(mode, lookup is not None and lookup.hit)
         cached = None
-        if mode == "auto" and lookup is not None and lookup.hit:
+        if outcome is Outcome.HIT:
             t0 = time.perf_counter()
             try:
-                stored = self.cache.get_latents(lookup.entry_id)
+                stored = self.store.get_latents(lookup.entry_id)
                 cached = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in
                           stored.items()}
             except EntryNotFoundError:  # evicted since the lookup: run as a miss
                 log.info("entry %s was evicted after the lookup; running a miss",
                          lookup.entry_id)
-                cached = None
+                outcome = Outcome.MISS
             timings["read_ms"] = (time.perf_counter() - t0) * 1e3
-        if cached is not None:
-            req = dataclasses.replace(request, steps=chai.fast_steps, cache_latents=cached,
+        steps = steps_for(outcome.run, chai, request.steps)
+        if outcome.run is RunKind.FAST:
+            req = dataclasses.replace(request, steps=steps, cache_latents=cached,
                                       capture_steps=())
-            result = self.pipeline.generate(req, on_step)
-            return ChaiOutcome(result, "hit", req, lookup, timings_ms=timings)
-        req = dataclasses.replace(request, steps=chai.full_steps,
-                                  capture_steps=tuple(chai.cache_steps), cache_latents=None)
+        elif outcome.run is RunKind.FULL:
+            req = dataclasses.replace(request, steps=steps, cache_latents=None,
+                                      capture_steps=tuple(chai.cache_steps))
+        else:
+            req = request
         result = self.pipeline.generate(req, on_step)
-        return ChaiOutcome(result, "miss", req, lookup, timings_ms=timings)
+        return ChaiOutcome(result, outcome, req, lookup, timings_ms=timings)
 
     def insert(self, outcome: ChaiOutcome) -> InsertResult | None:
         """Write a miss's captured latents to the cache (no-op for hits and plain runs)."""
-        if outcome.cache != "miss" or not outcome.result.captured:
+        if not outcome.outcome.writes_cache or not outcome.result.captured:
             return None
         t0 = time.perf_counter()
         req = outcome.request
-        inserted = self.cache.insert(
+        inserted = self.store.insert(
             req.prompt, outcome.result.captured, self.fingerprint,
             extra={"frames": req.frames, "height": req.height, "width": req.width,
                    "seed": req.seed, "steps": outcome.result.steps},

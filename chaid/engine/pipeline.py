@@ -16,22 +16,26 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from chaid.config import MAX_CFG_SCALE, MAX_STEPS, MODEL_CFG_SCALE, ChaiSettings, Settings
+from chaid.checks import check_int, check_number
+from chaid.config import MODEL_CFG_SCALE, ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention
 from chaid.engine.intra_cache import IntraCacheSettings, make_intra_cache
 from chaid.engine.sampler import Guidance, StepHook, sample, schedule, transform_ratio
 from chaid.errors import InputError
+from chaid.limits import (
+    MAX_CFG_SCALE,
+    MAX_FPS,
+    MAX_FRAMES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+)
 from chaid.models import ModelParts, build_parts
+from chaid.modes import RunKind, steps_for
 
 log = logging.getLogger(__name__)
-
-# Request bounds. Prompts longer than this are never meaningful to a text encoder whose
-# context is a few hundred tokens, and would only cost tokenizer time.
-MAX_PROMPT_CHARS = 2000
-# Frames/sides beyond these would not fit any supported model's memory plan.
-MAX_FRAMES = 512
-MAX_SIDE = 2048
-MAX_SEED = 2**63 - 1
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -81,8 +85,8 @@ class GenerationResult:
     steps: int
     fps: int
     timings: Timings
-    # "fast" (Cache Attention used), "full" (latents captured for the cache) or "plain".
-    mode: str = "plain"
+    # FAST (Cache Attention used), FULL (latents captured for the cache) or PLAIN.
+    run: RunKind = RunKind.PLAIN
     # step k → z_k (C, T, h, w) fp32 on the CPU, for the request's capture_steps.
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     # The step the run started at (1 unless it continued a stored latent).
@@ -103,14 +107,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} requested but torch sees no CUDA device")
     return device
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} must be an integer, not {type(value).__name__}")
-    if not low <= value <= high:
-        raise InputError(f"{name} must be in {low}..{high}, not {value}")
-    return value
 
 
 class Pipeline:
@@ -135,7 +131,8 @@ class Pipeline:
         return cls(parts, device, settings.chai)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """Fill defaults from the preset and validate every field; InputError if invalid."""
+        """Fill defaults from the preset and validate every field against the ceilings of
+        :mod:`chaid.limits`; InputError if invalid."""
         spec = self.parts.spec
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise InputError("prompt must be a non-empty string")
@@ -143,33 +140,26 @@ class Pipeline:
             raise InputError(
                 f"prompt is {len(request.prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
             )
-        frames = _check_int(
+        frames = check_int(
             "frames", spec.frames if request.frames is None else request.frames, 1, MAX_FRAMES
         )
-        height = _check_int(
-            "height", spec.height if request.height is None else request.height, 1, MAX_SIDE
+        height = check_int(
+            "height", spec.height if request.height is None else request.height, MIN_SIDE,
+            MAX_SIDE
         )
-        width = _check_int(
-            "width", spec.width if request.width is None else request.width, 1, MAX_SIDE
+        width = check_int(
+            "width", spec.width if request.width is None else request.width, MIN_SIDE, MAX_SIDE
         )
-        fps = _check_int("fps", spec.fps if request.fps is None else request.fps, 1, 240)
+        fps = check_int("fps", spec.fps if request.fps is None else request.fps, 1, MAX_FPS)
         self.parts.vae.latent_shape(frames, height, width)  # raises InputError if unsupported
-        steps = _check_int("steps", request.steps, 1, MAX_STEPS)
-        seed = _check_int("seed", request.seed, 0, MAX_SEED)
+        steps = check_int("steps", request.steps, 1, MAX_STEPS)
+        seed = check_int("seed", request.seed, 0, MAX_SEED)
         scale = request.cfg_scale
         if scale == MODEL_CFG_SCALE:
             scale = spec.cfg_scale
         if scale is not None:
-            if (
-                isinstance(scale, bool)
-                or not isinstance(scale, int | float)
-                or not np.isfinite(scale)
-            ):
-                raise InputError("cfg_scale must be a finite number or None")
-            if not 0.0 <= scale <= MAX_CFG_SCALE:
-                raise InputError(f"cfg_scale must be in 0..{MAX_CFG_SCALE}, not {scale}")
-            scale = float(scale)
-        start = _check_int("start_step", request.start_step, 1, steps)
+            scale = check_number("cfg_scale", scale, 0.0, MAX_CFG_SCALE)
+        start = check_int("start_step", request.start_step, 1, steps)
         if request.start_latent is not None:
             shape = tuple(self.parts.vae.latent_shape(frames, height, width))
             if tuple(request.start_latent.shape) != shape:
@@ -208,13 +198,15 @@ class Pipeline:
     def full(self, prompt: str, **fields) -> GenerationResult:
         """A cache miss: full_steps steps, capturing the latents a later hit reuses."""
         req = GenerationRequest(
-            prompt, steps=self.chai.full_steps, capture_steps=self.chai.cache_steps, **fields
+            prompt, steps=steps_for(RunKind.FULL, self.chai, 0),
+            capture_steps=self.chai.cache_steps, **fields
         )
         return self.generate(req)
 
     def fast(self, prompt: str, cached: Mapping[int, torch.Tensor], **fields) -> GenerationResult:
         """A cache hit: fast_steps steps with Cache Attention on the cached latents."""
-        req = GenerationRequest(prompt, steps=self.chai.fast_steps, cache_latents=cached, **fields)
+        req = GenerationRequest(prompt, steps=steps_for(RunKind.FAST, self.chai, 0),
+                                cache_latents=cached, **fields)
         return self.generate(req)
 
     def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
@@ -237,9 +229,9 @@ class Pipeline:
         req = self.resolve(request)
         parts = self.parts
         latent_shape = parts.vae.latent_shape(req.frames, req.height, req.width)
-        cache = None
+        attention = None
         if req.cache_latents is not None:
-            cache = CacheAttention(
+            attention = CacheAttention(
                 parts.dit,
                 req.cache_latents,
                 self.chai,
@@ -247,7 +239,7 @@ class Pipeline:
                 req.width,
                 req.cfg_scale is not None,
             )
-            cache.check(latent_shape)
+            attention.check(latent_shape)
         intra = make_intra_cache(req.intra_cache) if req.intra_cache is not None else None
         captured: dict[int, torch.Tensor] = {}
 
@@ -259,7 +251,8 @@ class Pipeline:
 
         def velocity(z: torch.Tensor, t: float, step: int) -> torch.Tensor:
             branches = 1 if req.cfg_scale is None else 2
-            plan = cache.plan(step, branches * z.shape[0], z.device) if cache else None
+            plan = (attention.plan(step, branches * z.shape[0], z.device) if attention
+                    else None)
             return guidance.velocity(z, t, plan, intra.runner(step) if intra else None)
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -294,14 +287,15 @@ class Pipeline:
             total_ms=(t_end - t_start) * 1000,
         )
         log.debug("generated %r in %.0f ms (%d steps)", req.prompt, timings.total_ms, req.steps)
-        mode = "fast" if cache else ("full" if req.capture_steps else "plain")
+        run = (RunKind.FAST if attention else
+               RunKind.FULL if req.capture_steps else RunKind.PLAIN)
         return GenerationResult(
             video_np,
             z[0].float().cpu(),
             req.steps,
             req.fps,
             timings,
-            mode,
+            run,
             captured,
             start_step=req.start_step,
             intra_skipped=tuple(intra.skipped) if intra else (),

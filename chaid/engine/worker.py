@@ -27,6 +27,8 @@ import trio
 
 from chaid.engine.chai import ChaiEngine, ChaiOutcome
 from chaid.engine.pipeline import GenerationRequest
+from chaid.errors import InputError
+from chaid.modes import CacheMode, Outcome, decide, needs_lookup, steps_for
 from chaid.store.matching import LookupResult
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class Job:
     """One generation request on its way through the worker."""
 
     request: GenerationRequest  # resolved
-    mode: str  # "auto", "refresh" or "off"
+    mode: CacheMode
     # Called in the trio thread before each denoising step: (step, steps, t).
     on_progress: ProgressCallback | None = None
     state: JobState = JobState.QUEUED
@@ -103,7 +105,8 @@ class DeviceWorker:
         self._send, self._receive = trio.open_memory_channel[Job](queue_size)
         self.running: Job | None = None
         self.completed = 0
-        self.counts = {"hit": 0, "miss": 0, "off": 0, "cancelled": 0, "failed": 0}
+        # Finished jobs by outcome, and those cancelled or failed.
+        self.counts: dict[str, int] = {**{o: 0 for o in Outcome}, "cancelled": 0, "failed": 0}
 
     @property
     def queued(self) -> int:
@@ -138,7 +141,7 @@ class DeviceWorker:
         try:
             with job.scope:
                 outcome = await self._generate(job)
-                if outcome.cache == "miss":
+                if outcome.outcome.writes_cache:
                     # Shielded: a cancellation arriving now must not lose a finished run's
                     # latents, and the write is atomic anyway.
                     with trio.CancelScope(shield=True):
@@ -149,7 +152,7 @@ class DeviceWorker:
             job.error = exc
             self.counts["failed"] += 1
             job._finish(JobState.FAILED)
-            if not _is_input_error(exc):
+            if not isinstance(exc, InputError):
                 log.exception("job %r failed", job.request.prompt[:80])
             return
         finally:
@@ -161,20 +164,20 @@ class DeviceWorker:
                 job._finish(JobState.CANCELLED)
         if not job.done.is_set():
             self.completed += 1
-            self.counts[job.outcome.cache] += 1
+            self.counts[job.outcome.outcome] += 1
             job._finish(JobState.DONE)
 
     async def _generate(self, job: Job) -> ChaiOutcome:
         lookup: LookupResult | None = None
-        if job.mode == "auto":
+        if needs_lookup(job.mode):
             t0 = time.perf_counter()
             lookup = await trio.to_thread.run_sync(self.engine.lookup, job.request,
                                                    limiter=self.lookup_limiter)
             job.lookup_ms = (time.perf_counter() - t0) * 1e3
-        steps_of = {"off": job.request.steps, "refresh": self.engine.pipeline.chai.full_steps}
-        chai = self.engine.pipeline.chai
-        steps = steps_of.get(job.mode) or (chai.fast_steps if lookup and lookup.hit
-                                           else chai.full_steps)
+        # The steps the run is expected to take, for progress reports. A hit whose entry is
+        # evicted between lookup and read runs full instead: only its progress total is off.
+        expected = decide(job.mode, lookup is not None and lookup.hit).run
+        steps = steps_for(expected, self.engine.pipeline.chai, job.request.steps)
 
         def on_step(step: int, t: float, z: Any) -> None:
             # Runs in the worker thread before each denoising step.
@@ -186,8 +189,3 @@ class DeviceWorker:
             limiter=self.device_limiter,
         )
 
-
-def _is_input_error(exc: BaseException) -> bool:
-    from chaid.errors import InputError
-
-    return isinstance(exc, InputError)

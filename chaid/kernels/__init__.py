@@ -12,7 +12,7 @@ import torch
 
 from chaid.errors import ChaidError
 from chaid.kernels import cuda
-from chaid.kernels.reference import cache_attention_reference
+from chaid.kernels.reference import cache_attention_reference, check_inputs
 
 BACKENDS = ("auto", "reference", "cupy")
 
@@ -31,7 +31,11 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, backend: str = "auto") -> s
 def cache_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(D)) v for q (N, nh, Lq, D) and k, v (N, nh, Lk, D)."""
+    """softmax(q kᵀ / sqrt(D)) v for q (N, nh, Lq, D) and k, v (N, nh, Lk, D).
+
+    InputError when the three do not fit together (whichever the backend).
+    """
+    check_inputs(q, k, v)
     if select_backend(q, k, backend) == "cupy":
         return cuda.cache_attention_cupy(q, k, v)
     return cache_attention_reference(q, k, v)

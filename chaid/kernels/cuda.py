@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from chaid.errors import ChaidError
+from chaid.kernels.reference import check_inputs
 
 SOURCE = Path(__file__).with_name("cache_attention.cu")
 # Must match WARPS * ROWS_PER_WARP, WARPS * 32, TILE_K and MAX_D in the CUDA source.
@@ -81,17 +82,13 @@ def _as_cupy(t: torch.Tensor):
 def cache_attention_cupy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(N, nh, Lq, D) x (N, nh, Lk, D) → (N, nh, Lq, D) on the GPU, scale D^-0.5.
 
-    Raises ChaidError when CuPy or a device is missing or the inputs are unsupported.
+    Raises InputError when the inputs do not fit together, ChaidError when CuPy or a device
+    is missing or the kernel does not support them.
     """
     ok, why = availability()
     if not ok:
         raise ChaidError(f"the CuPy Cache Attention kernel is unavailable: {why}")
-    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ChaidError(
-            f"cache attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ChaidError("q, k and v must share dtype and device")
+    check_inputs(q, k, v)
     if not supports(q, k):
         raise ChaidError(
             f"the kernel does not support {q.dtype} on {q.device} with head dim {q.shape[-1]}"

@@ -21,12 +21,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import trio
 
+from chaid.config import ServerSettings
+from chaid.limits import RequestLimits
 from chaid.protocol import (
     METHODS,
     ErrorCode,
@@ -41,11 +44,11 @@ from chaid.protocol import (
 )
 from chaid.server.logs import fields
 from chaid.server.outbox import Outbox
-from chaid.server.peercred import PeerCredentials
+from chaid.server.peercred import AccessPolicy, PeerCredentials, RateLimiter
+from chaid.server.stats import ServerStats
 
 if TYPE_CHECKING:
     from chaid.engine.worker import Job
-    from chaid.server.daemon import Daemon
 
 log = logging.getLogger("chaid.server")
 
@@ -66,17 +69,30 @@ INLINE_METHODS = frozenset({"ping", "cancel"})
 Handler = Callable[["Connection", Request, dict[str, Any]], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class Services:
+    """What a connection uses of the daemon that serves it, shared by every connection."""
+
+    server: ServerSettings
+    limits: RequestLimits
+    access: AccessPolicy
+    rate: RateLimiter
+    stats: ServerStats
+    # Method name → coroutine answering it (every name of protocol.METHODS).
+    handlers: Mapping[str, Handler]
+
+
 class Connection:
     """State of one accepted connection; :meth:`run` serves it until it ends."""
 
-    def __init__(self, daemon: Daemon, stream: trio.SocketStream, peer: PeerCredentials,
+    def __init__(self, services: Services, stream: trio.SocketStream, peer: PeerCredentials,
                  number: int) -> None:
-        self.daemon = daemon
+        self.services = services
         self.stream = stream
         self.peer = peer
         self.number = number
-        self.allowed = daemon.access.allows(peer)
-        self.admin = daemon.access.is_admin(peer)
+        self.allowed = services.access.allows(peer)
+        self.admin = services.access.is_admin(peer)
         # Generations in flight on this connection, by request id (for `cancel`).
         self.jobs: dict[int, Job] = {}
         self.inflight: set[int] = set()
@@ -109,7 +125,7 @@ class Connection:
         return bool(self.inflight or self.jobs or self._outbox.pending_bytes)
 
     async def _writer(self) -> None:
-        timeout = self.daemon.settings.server.write_timeout_s
+        timeout = self.services.server.write_timeout_s
         while (frame := await self._outbox.get()) is not None:
             try:
                 with trio.move_on_after(timeout) as scope:
@@ -124,7 +140,7 @@ class Connection:
                 log.warning("client not reading; disconnecting", extra=fields(
                     conn=self.number, uid=self.peer.uid, pid=self.peer.pid,
                     timeout_s=timeout, frame_bytes=len(frame)))
-                self.daemon.count_error(ErrorCode.TIMEOUT)
+                self.services.stats.count_error(ErrorCode.TIMEOUT)
                 self._scope.cancel()
                 return
 
@@ -154,7 +170,7 @@ class Connection:
         self._scope.cancel()
 
     async def _read_loop(self, requests: trio.Nursery) -> None:
-        srv = self.daemon.settings.server
+        srv = self.services.server
         unpacker = make_unpacker(srv.max_message_bytes)
         # Bytes fed, and the stream offset where the last whole frame ended: what lies
         # between is the frame in progress (the unpacker's tell() also counts the bytes of a
@@ -223,7 +239,7 @@ class Connection:
 
     async def _fail(self, error: RpcError) -> None:
         """Answer a stream-level error (nil id) before the connection closes."""
-        self.daemon.count_error(error.code)
+        self.services.stats.count_error(error.code)
         log.info("closing connection: %s", error.code, extra=fields(
             conn=self.number, uid=self.peer.uid, pid=self.peer.pid, error=error.message))
         await self.send(response(None, error))
@@ -236,13 +252,13 @@ class Connection:
             request = parse_frame(frame)
         except RpcError as exc:
             msgid = exc.data.get("id") if isinstance(exc.data, dict) else None
-            self.daemon.count_error(exc.code)
+            self.services.stats.count_error(exc.code)
             await self.send(response(msgid, exc))
             return True
         if not self.allowed:
             error = RpcError(ErrorCode.FORBIDDEN,
                              f"uid {self.peer.uid} is not allowed to use this daemon")
-            self.daemon.count_error(error.code)
+            self.services.stats.count_error(error.code)
             log.warning("peer refused", extra=fields(conn=self.number, uid=self.peer.uid,
                                                      gid=self.peer.gid, pid=self.peer.pid))
             await self.send(response(request.id, error))
@@ -254,28 +270,28 @@ class Connection:
         if request.method in INLINE_METHODS:
             await self._dispatch(request)
             return True
-        if not self.daemon.access.privileged(self.peer):
-            wait = self.daemon.rate.take(self.peer.uid)
+        if not self.services.access.privileged(self.peer):
+            wait = self.services.rate.take(self.peer.uid)
             if wait is not None:
                 await self._answer_error(request, RpcError(
                     ErrorCode.TOO_MANY_REQUESTS,
                     f"uid {self.peer.uid} sends more than "
-                    f"{self.daemon.settings.server.rate_per_s:g} requests per second",
+                    f"{self.services.server.rate_per_s:g} requests per second",
                     {"retry_after_s": round(wait, 3)}))
                 return True
-        if len(self.inflight) >= self.daemon.settings.server.max_inflight_per_connection:
+        if len(self.inflight) >= self.services.server.max_inflight_per_connection:
             await self._answer_error(request, RpcError(
                 ErrorCode.TOO_MANY_REQUESTS,
-                f"at most {self.daemon.settings.server.max_inflight_per_connection} requests "
+                f"at most {self.services.server.max_inflight_per_connection} requests "
                 f"in flight per connection"))
             return True
         self.inflight.add(request.id)
-        self.daemon.inflight += 1
+        self.services.stats.inflight += 1
         requests.start_soon(self._dispatch_tracked, request)
         return True
 
     async def _answer_error(self, request: Request, error: RpcError) -> None:
-        self.daemon.count_error(error.code)
+        self.services.stats.count_error(error.code)
         await self.send(response(request.id, error))
 
     async def _dispatch_tracked(self, request: Request) -> None:
@@ -283,7 +299,7 @@ class Connection:
             await self._dispatch(request)
         finally:
             self.inflight.discard(request.id)
-            self.daemon.inflight -= 1
+            self.services.stats.inflight -= 1
             self.last_active = trio.current_time()
 
     async def _dispatch(self, request: Request) -> None:
@@ -293,8 +309,8 @@ class Connection:
             if METHODS.get(request.method) and not self.admin:
                 raise RpcError(ErrorCode.FORBIDDEN,
                                f"{request.method} is for admins; uid {self.peer.uid} is not one")
-            params = validate_params(request.method, request.params, self.daemon.limits)
-            handler = self.daemon.handlers[request.method]
+            params = validate_params(request.method, request.params, self.services.limits)
+            handler = self.services.handlers[request.method]
             result = await handler(self, request, params)
             frame = response(request.id, None, result)
         except RpcError as exc:
@@ -306,8 +322,8 @@ class Connection:
             frame = response(request.id, RpcError(ErrorCode.INTERNAL,
                                                   "internal error; see the daemon's log"))
         if code != "ok":
-            self.daemon.count_error(code)
-        self.daemon.count_request(request.method)
+            self.services.stats.count_error(code)
+        self.services.stats.count_request(request.method)
         await self.send(frame)
         if request.method != "ping":
             log.info("request", extra=fields(

@@ -26,12 +26,14 @@ from chaid.config import Settings
 from chaid.engine.chai import ChaiEngine, lookup_as_dict
 from chaid.engine.worker import DeviceWorker, Job, JobState, QueueFull
 from chaid.errors import ChaidError, InputError
-from chaid.protocol import PROTOCOL_VERSION, ErrorCode, Limits, Request, RpcError, response
-from chaid.server.connection import Connection, Handler
+from chaid.modes import CacheMode, Outcome
+from chaid.protocol import METHODS, PROTOCOL_VERSION, ErrorCode, Request, RpcError, response
+from chaid.server.connection import Connection, Services
 from chaid.server.listeners import BoundSocket, bind_socket, inherited_sockets, release
 from chaid.server.logs import fields
 from chaid.server.peercred import AccessPolicy, PeerCredentials, RateLimiter, peer_credentials
 from chaid.server.sdnotify import Notifier
+from chaid.server.stats import ServerStats
 from chaid.store.errors import StoreError
 
 log = logging.getLogger("chaid.server")
@@ -67,8 +69,6 @@ class Daemon:
         self.engine = engine
         self.access = access
         self.notifier = notifier
-        self.limits = Limits(srv.max_prompt_chars, srv.max_frames, srv.max_side,
-                             srv.max_steps, srv.request_timeout_s)
         self.lookup_limiter = trio.CapacityLimiter(srv.lookup_threads)
         self.rate = RateLimiter(srv.rate_per_s, srv.rate_burst, trio.current_time)
         self.worker = DeviceWorker(engine, srv.queue_size, self.lookup_limiter)
@@ -76,29 +76,19 @@ class Daemon:
         # Open connections by peer uid (entries removed at zero), for the per-user cap.
         self.user_connections: dict[int, int] = {}
         self.draining = False
-        self.inflight = 0
-        self.started = time.time()
-        self.connection_count = 0
-        self.requests: dict[str, int] = {}
-        self.errors: dict[str, int] = {}
-        self.handlers: dict[str, Handler] = {
+        self.stats = ServerStats(frozenset(METHODS))
+        handlers = {
             "ping": self.ping,
             "generate": self.generate,
             "cancel": self.cancel,
-            "stats": self.stats,
+            "stats": self.stats_handler,
             "cache.lookup": self.cache_lookup,
             "cache.list": self.cache_list,
             "cache.evict": self.cache_evict,
             "cache.clear": self.cache_clear,
             "cache.warm": self.cache_warm,
         }
-
-    def count_request(self, method: str) -> None:
-        key = method if method in self.handlers else "(unknown)"
-        self.requests[key] = self.requests.get(key, 0) + 1
-
-    def count_error(self, code: str) -> None:
-        self.errors[code] = self.errors.get(code, 0) + 1
+        self.services = Services(srv, srv.limits, access, self.rate, self.stats, handlers)
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -123,12 +113,12 @@ class Daemon:
             log.warning("cannot read peer credentials: %s", exc)
             await trio.aclose_forcefully(stream)
             return
-        self.connection_count += 1
+        number = self.stats.count_connection()
         refusal = self._admission(peer)
         if refusal is not None:
-            await self._refuse(stream, peer, refusal)
+            await self._refuse(stream, peer, refusal, number)
             return
-        conn = Connection(self, stream, peer, self.connection_count)
+        conn = Connection(self.services, stream, peer, number)
         # Checked and counted with no await in between: concurrent accepts cannot overshoot.
         self.connections.add(conn)
         self.user_connections[peer.uid] = self.user_connections.get(peer.uid, 0) + 1
@@ -160,11 +150,11 @@ class Daemon:
         return None
 
     async def _refuse(self, stream: trio.SocketStream, peer: PeerCredentials,
-                      error: RpcError) -> None:
+                      error: RpcError, number: int) -> None:
         """Answer a refused connection with one nil-id error frame, then close it."""
-        self.count_error(error.code)
+        self.stats.count_error(error.code)
         log.warning("connection refused: %s", error.code, extra=fields(
-            conn=self.connection_count, uid=peer.uid, pid=peer.pid,
+            conn=number, uid=peer.uid, pid=peer.pid,
             connections=len(self.connections)))
         # The frame is small and the socket buffer empty: this only waits on a broken peer.
         with trio.move_on_after(_REFUSAL_SEND_S):
@@ -177,8 +167,8 @@ class Daemon:
     def update_status(self) -> None:
         c = self.worker.counts
         self.notifier.status(
-            f"serving: {len(self.engine.cache)} cached entries; {c['hit']} hits, "
-            f"{c['miss']} misses, {c['off']} uncached; {self.worker.queued} queued")
+            f"serving: {len(self.engine.store)} cached entries; {c[Outcome.HIT]} hits, "
+            f"{c[Outcome.MISS]} misses, {c[Outcome.OFF]} uncached; {self.worker.queued} queued")
 
     # -- handlers -----------------------------------------------------------------------------
 
@@ -205,7 +195,7 @@ class Daemon:
             raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
 
     async def _run_job(self, conn: Connection, req: Request, p: dict[str, Any],
-                       mode: str) -> Job:
+                       mode: CacheMode) -> Job:
         """Queue a job and wait for it; RpcError for busy, cancelled, failed."""
         if self.draining:
             raise RpcError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
@@ -252,7 +242,7 @@ class Daemon:
 
     async def generate(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
         t0 = time.perf_counter()
-        job = await self._run_job(conn, req, p, p["cache"])
+        job = await self._run_job(conn, req, p, CacheMode(p["cache"]))
         outcome = job.outcome
         result = outcome.result
         t_video = time.perf_counter()
@@ -274,15 +264,15 @@ class Daemon:
         }
         inserted = outcome.inserted
         log.info("generated", extra=fields(
-            conn=conn.number, id=req.id, cache=outcome.cache, steps=result.steps,
-            entry=(outcome.lookup.entry_id if outcome.cache == "hit" else
+            conn=conn.number, id=req.id, cache=outcome.outcome.value, steps=result.steps,
+            entry=(outcome.lookup.entry_id if outcome.outcome is Outcome.HIT else
                    inserted.entry_id if inserted else None),
             total_ms=round(timings["total_ms"], 1)))
         return {
             "video": video,
             "format": p["format"],
-            "cache": outcome.cache,
-            "mode": result.mode,
+            "cache": outcome.outcome.value,
+            "mode": result.run.value,
             "steps": result.steps,
             "frames": int(result.video.shape[0]),
             "height": int(result.video.shape[1]),
@@ -299,7 +289,7 @@ class Daemon:
         }
 
     async def cache_warm(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
-        job = await self._run_job(conn, req, {**p, "progress": False}, "refresh")
+        job = await self._run_job(conn, req, {**p, "progress": False}, CacheMode.REFRESH)
         inserted = job.outcome.inserted
         return {
             "entry_id": inserted.entry_id if inserted else None,
@@ -307,25 +297,25 @@ class Daemon:
             "timings": {"total_ms": round((job.finished_at - job.enqueued_at) * 1e3, 2)},
         }
 
-    async def stats(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
-        cache_stats = await trio.to_thread.run_sync(self.engine.cache.stats,
+    async def stats_handler(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        cache_stats = await trio.to_thread.run_sync(self.engine.store.stats,
                                                     limiter=self.lookup_limiter)
         running = self.worker.running
         return {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(self.stats.uptime_s(), 1),
             "model": self.engine.pipeline.parts.spec.name,
             "device": str(self.engine.pipeline.device),
             "fingerprint": self.engine.fingerprint,
             "queue": {"size": self.worker.queue_size, "queued": self.worker.queued,
                       "running": None if running is None else {
                           "steps_done": running.steps_done, "steps": running.steps_total}},
-            "generations": dict(self.worker.counts),
+            "generations": {str(k): v for k, v in self.worker.counts.items()},
             "connections": len(self.connections),
-            "requests": dict(self.requests),
-            "errors": dict(self.errors),
+            "requests": dict(self.stats.requests),
+            "errors": dict(self.stats.errors),
             "cache": cache_stats,
             "peer": {"uid": conn.peer.uid, "gid": conn.peer.gid, "admin": conn.admin},
         }
@@ -341,7 +331,7 @@ class Daemon:
 
     async def cache_list(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
         def read() -> list[dict[str, Any]]:
-            records = sorted(self.engine.cache.records(), key=lambda r: -r.last_access)
+            records = sorted(self.engine.store.records(), key=lambda r: -r.last_access)
             if p["limit"]:
                 records = records[: p["limit"]]
             return [{"id": r.entry_id, "prompt": r.prompt, "entities": list(r.entities),
@@ -350,15 +340,15 @@ class Daemon:
                      "fingerprint": r.fingerprint} for r in records]
 
         entries = await trio.to_thread.run_sync(read, limiter=self.lookup_limiter)
-        return {"entries": entries, "total": len(self.engine.cache)}
+        return {"entries": entries, "total": len(self.engine.store)}
 
     async def cache_evict(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
         ids = p["entry_ids"]
-        removed = await self._store_call(self.engine.cache.evict, ids)
+        removed = await self._store_call(self.engine.store.evict, ids)
         return {"evicted": removed, "missing": sorted(set(ids) - set(removed))}
 
     async def cache_clear(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
-        removed = await self._store_call(self.engine.cache.clear)
+        removed = await self._store_call(self.engine.store.clear)
         return {"evicted": len(removed)}
 
     async def _store_call(self, fn, *args: Any) -> Any:
@@ -374,7 +364,7 @@ class Daemon:
     def _busy(self) -> bool:
         """Requests in flight, or answers still queued for a client: closing a connection
         drops its queued output, so a finished request's response must leave first."""
-        return bool(self.inflight) or any(c.busy() for c in self.connections)
+        return bool(self.stats.inflight) or any(c.busy() for c in self.connections)
 
     async def drain(self, force: trio.Event) -> None:
         """Let in-flight requests finish within the grace period, then cancel the rest."""
@@ -383,9 +373,9 @@ class Daemon:
         with trio.move_on_after(grace):
             while self._busy() and not force.is_set():
                 await trio.sleep(_DRAIN_POLL_S)
-        if self.inflight:
+        if self.stats.inflight:
             log.warning("grace period over; cancelling in-flight work",
-                        extra=fields(inflight=self.inflight, grace_s=grace))
+                        extra=fields(inflight=self.stats.inflight, grace_s=grace))
             for conn in list(self.connections):
                 for job in list(conn.jobs.values()):
                     job.cancel("shutdown")
@@ -476,9 +466,9 @@ async def _serve_with(settings: Settings, engine: ChaiEngine, access: AccessPoli
                     names = ", ".join(b.name for b in bound)
                     log.info("ready", extra=fields(
                         listen=names, model=settings.model.name,
-                        device=str(engine.pipeline.device), entries=len(engine.cache),
+                        device=str(engine.pipeline.device), entries=len(engine.store),
                         fingerprint=engine.fingerprint, pid=os.getpid()))
-                    notifier.ready(f"serving on {names}; {len(engine.cache)} cached entries")
+                    notifier.ready(f"serving on {names}; {len(engine.store)} cached entries")
                     await shutdown.wait()
                     # 4. stop accepting, drain, close.
                     notifier.stopping("draining in-flight requests")
@@ -503,4 +493,27 @@ def run(settings: Settings) -> int:
     try:
         return trio.run(serve, settings)
     except* ChaidError as group:
-        raise group.exceptions[0] from None
+        raise _one_error(group) from None
+
+
+def _one_error(group: BaseExceptionGroup) -> ChaidError:
+    """The startup errors of a group as one ChaidError, each of them logged.
+
+    Concurrent start-up tasks can fail together (say, the store and a listener): every one
+    is logged, and the user reads all their messages in one line.
+    """
+    errors = list(_leaves(group))
+    for exc in errors:
+        log.error("start-up failed: %s", exc)
+    if len(errors) == 1:
+        return errors[0]
+    messages = list(dict.fromkeys(str(exc) for exc in errors))
+    return ChaidError("; ".join(messages))
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

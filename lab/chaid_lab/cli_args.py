@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from chaid.checks import check_int
 from chaid.errors import ChaidError
 
 
@@ -14,6 +15,8 @@ def int_list(flag: str, text: str, low: int, high: int, *, empty: bool = False) 
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ChaidError(f"{flag} takes comma-separated integers, not {text!r}") from None
-    if (not values and not empty) or any(not low <= v <= high for v in values):
-        raise ChaidError(f"{flag} values must be in {low}..{high}")
+    if not values and not empty:
+        raise ChaidError(f"{flag} needs at least one value; values must be in {low}..{high}")
+    for value in values:
+        check_int(f"{flag} values", value, low, high, ChaidError)
     return values

@@ -98,7 +98,7 @@ def run_check(
         step_ms = [(b - a) * 1000 for a, b in zip(stamps, stamps[1:], strict=False)]
         rows.append(
             {
-                "mode": result.mode,
+                "mode": result.run.value,
                 "steps": result.steps,
                 "latent": list(result.latent.shape),
                 "video": list(result.video.shape),

@@ -98,7 +98,7 @@ def test_full_mode_captures_steps_2_3_4_with_the_latent_shape(parts):
         GenerationRequest(PROMPT_A, steps=30, capture_steps=(2, 3, 4), seed=5),
         on_step=lambda k, t, z: seen.__setitem__(k, z[0].clone()),
     )
-    assert res.mode == "full" and res.steps == 30
+    assert res.run == "full" and res.steps == 30
     assert sorted(res.captured) == [2, 3, 4]
     for k, z in res.captured.items():
         assert z.shape == res.latent.shape and z.dtype == torch.float32
@@ -130,7 +130,7 @@ def test_fast_mode_runs_eight_evaluations_per_branch_with_cache_at_2_3_4(parts):
     finally:
         CacheAttention.plan = original
         handle.remove()
-    assert fast.mode == "fast" and fast.steps == 8
+    assert fast.run == "fast" and fast.steps == 8
     assert calls == [2] * 8  # one model call per step, both guidance branches batched
     assert [s for s, active in used if active] == [2, 3, 4]
 

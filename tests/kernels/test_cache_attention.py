@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chaid.errors import ChaidError
+from chaid.errors import ChaidError, InputError
 from chaid.kernels import cache_attention, cache_attention_reference, select_backend
 from chaid.kernels import cuda as cuda_kernel
 
@@ -106,3 +106,14 @@ def test_unsupported_head_dim_falls_back_to_reference_in_auto():
     assert select_backend(q, k) == "reference"
     with pytest.raises(ChaidError, match="does not support"):
         cache_attention(q, k, v, "cupy")
+
+
+def test_inputs_that_do_not_fit_are_input_errors():
+    """A cached entry that does not fit the request is the request's error, not INTERNAL."""
+    q, k = torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 5, 8)
+    with pytest.raises(InputError, match="shapes do not fit"):
+        cache_attention(q, k, torch.zeros(2, 2, 5, 4))
+    with pytest.raises(InputError, match="share dtype"):
+        cache_attention(q, k, k.double())
+    with pytest.raises(InputError, match="shapes do not fit"):
+        cache_attention(q[0], k, k)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from chaid.checks import check_int
 from chaid.config import ChaiSettings
 from chaid.engine.pipeline import GenerationRequest, Pipeline
 
@@ -163,10 +164,8 @@ def command(args) -> int:
     from chaid.models import build_parts
 
     pairs = 2 if args.quick else args.pairs
-    if not 1 <= pairs <= 1000:
-        raise ChaidError("--pairs must be in 1..1000")
-    if not 1 <= args.threads <= 256:
-        raise ChaidError("--threads must be in 1..256")
+    check_int("--pairs", pairs, 1, 1000, ChaidError)
+    check_int("--threads", args.threads, 1, 256, ChaidError)
     torch.set_num_threads(args.threads)
     logging.getLogger("chaid.engine").setLevel(logging.INFO)
     pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"))

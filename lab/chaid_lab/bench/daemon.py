@@ -72,6 +72,7 @@ def in_process(model: str, warm: list[str], serve: list[str], workdir: Path) -> 
 
     from chaid.config import load_settings
     from chaid.engine.chai import ChaiEngine
+    from chaid.modes import CacheMode
 
     torch.set_num_threads(1)  # the daemon's device worker uses one thread too (demo.start_daemon)
     settings = load_settings(
@@ -83,10 +84,10 @@ def in_process(model: str, warm: list[str], serve: list[str], workdir: Path) -> 
         def serve_one(prompt: str) -> tuple[float, str]:
             t0 = time.perf_counter()
             request = engine.resolve(prompt)
-            outcome = engine.generate(request, "auto", engine.lookup(request))
+            outcome = engine.generate(request, CacheMode.AUTO, engine.lookup(request))
             ms = (time.perf_counter() - t0) * 1e3
             engine.insert(outcome)
-            return ms, outcome.cache
+            return ms, outcome.outcome.value
 
         for prompt in warm:
             serve_one(prompt)

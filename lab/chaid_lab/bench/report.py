@@ -233,14 +233,14 @@ def plot_quality_vs_latency(quality: dict, path: Path) -> None:
 
 def command(args: Any) -> int:
     """``chaid-lab bench report`` (parsed in chaid_lab.bench.cli)."""
+    from chaid.checks import check_int
     from chaid.errors import ChaidError
 
     parts = tuple(p for p in args.parts.split(",") if p) if args.parts else tuple(PARTS)
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ChaidError(f"unknown parts {sorted(unknown)} (known: {', '.join(PARTS)})")
-    if not 1 <= args.threads <= 256:
-        raise ChaidError("--threads must be in 1..256")
+    check_int("--threads", args.threads, 1, 256, ChaidError)
     from chaid_lab.shapes.suite import _require_matplotlib
 
     _require_matplotlib()  # fail before the long run, not after it

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from chaid.checks import check_int
 from chaid.errors import ChaidError
 from chaid_lab.cli_args import int_list
 
@@ -196,8 +197,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ChaidError("--limit must be at least 1")
     if args.stride < 1:
         raise ChaidError("--stride must be at least 1")
-    if not 1 <= args.threads <= 256:
-        raise ChaidError("--threads must be in 1..256")
+    check_int("--threads", args.threads, 1, 256, ChaidError)
     import torch
 
     from chaid.engine.pipeline import Pipeline
@@ -232,8 +232,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_chai(args: argparse.Namespace) -> int:
-    if not 1 <= args.pairs <= 1000:
-        raise ChaidError("--pairs must be in 1..1000")
+    check_int("--pairs", args.pairs, 1, 1000, ChaidError)
     import torch
 
     from chaid.engine.pipeline import Pipeline

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chaid.checks import check_int, check_number
 from chaid.engine.sampler import NUM_TIMESTEPS, timestep_transform, transform_ratio
 from chaid.errors import ChaidError
 from chaid.models import ModelParts, build_parts
@@ -405,21 +406,17 @@ def cli_train(
         if not Path(init).is_file():
             raise ChaidError(f"--init {init}: no such weights file")
         fields["init"] = str(init)
-    for name, value, low, high in (
-        ("object_weight", object_weight, 0, 100),
-        ("threads", threads, 1, 256),
-        ("batch_size", batch_size, 1, 1024),
-        ("two_object_prob", two_object_prob, 0, 1),
+    for name, value, check, low, high in (
+        ("object_weight", object_weight, check_number, 0.0, 100.0),
+        ("threads", threads, check_int, 1, 256),
+        ("batch_size", batch_size, check_int, 1, 1024),
+        ("two_object_prob", two_object_prob, check_number, 0.0, 1.0),
     ):
-        if value is None:
-            continue
-        if not low <= value <= high:
-            raise ChaidError(f"--{name.replace('_', '-')} must be in {low}..{high}")
-        fields[name] = value
+        if value is not None:
+            fields[name] = check(f"--{name.replace('_', '-')}", value, low, high,
+                                 error=ChaidError)
     if lr is not None:
-        if not 0 < lr <= 1e-2:
-            raise ChaidError("--lr must be in (0, 0.01]")
-        fields["lr"] = lr
+        fields["lr"] = check_number("--lr", lr, 0.0, 1e-2, open_low=True, error=ChaidError)
     if lr_schedule is not None:
         fields["lr_schedule"] = lr_schedule
     cfg = DitTrainConfig(**fields)
