@@ -143,6 +143,11 @@ class PolicyEngine:
             self._dirty.clear()
             return out
 
+    def has_dirty(self) -> bool:
+        """Whether stats were touched since the last :meth:`take_dirty`."""
+        with self._lock:
+            return bool(self._dirty)
+
     def restore_dirty(self, entry_ids: Iterable[int]) -> None:
         """Mark stats dirty again after a write that would have saved them failed."""
         with self._lock:

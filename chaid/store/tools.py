@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from chaid.store import db as dbm
-from chaid.store.cache import _checksum
+from chaid.store.codec import checksum
 from chaid.store.db import LatentDB
 from chaid.store.errors import EntryNotFoundError, StoreError
 from chaid.store.index import MANIFEST_NAME
@@ -68,7 +68,7 @@ def show_entry(data_dir: Path, entry_id: int) -> dict[str, Any]:
                 raw = txn.get(dbm.latent_key(entry_id, step), db=db.latents)
                 latents[step] = ("missing" if raw is None else
                                  f"{len(raw)} bytes, checksum "
-                                 f"{'ok' if _checksum(raw) == record.checksums[str(step)] else 'BAD'}")
+                                 f"{'ok' if checksum(raw) == record.checksums[str(step)] else 'BAD'}")
     finally:
         db.close()
     out = dict(vars(record))

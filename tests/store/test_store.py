@@ -61,7 +61,7 @@ def test_int8_latents_quarter_the_bytes_within_half_a_step(tmp_path):
 
 
 def test_int8_blob_of_the_wrong_length_is_refused():
-    from chaid.store.cache import dequantise_int8, quantise_int8
+    from chaid.store.codec import dequantise_int8, quantise_int8
     from chaid.store.errors import StoreError
 
     packed = quantise_int8(np.ones(SHAPE, np.float32)).tobytes()

@@ -77,7 +77,7 @@ def stored_round_trip(z: torch.Tensor, dtype: str) -> torch.Tensor:
     if dtype == "float16":
         return z.half().float()
     if dtype == "int8":  # the store's own format: one scale per channel and frame
-        from chaid.store.cache import dequantise_int8, quantise_int8
+        from chaid.store.codec import dequantise_int8, quantise_int8
 
         packed = quantise_int8(z.float().numpy())
         return torch.from_numpy(dequantise_int8(packed.tobytes(), tuple(z.shape)))
