@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 SHAPES_DIT_STAGE2_STEPS ?= 8000
 SHAPES_DIT_STAGE3_STEPS ?= 4500
 
-.PHONY: setup demo test lint gpu-check results shapes-eval shapes-dit clean
+.PHONY: setup demo test product-check lint gpu-check results shapes-eval shapes-dit clean
 
 $(VENV)/.installed: pyproject.toml client/pyproject.toml lab/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The product installs and serves without the lab: a fresh virtual environment with torch,
+# chaid and chai-client only, then `chaid serve` answers a miss and a hit (~1.5 min).
+product-check:
+	TORCH_SPEC="$(TORCH_SPEC)" .ci/product-check
 
 # Cache Attention on a GPU: installs the CuPy wheel matching torch's CUDA, runs the kernel
 # tests and the micro-benchmark (CuPy kernel vs torch SDPA, max error and time ratio), then
