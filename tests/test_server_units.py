@@ -161,3 +161,21 @@ def test_outbox_close_drains_then_fails_waiters():
         assert not box.put_nowait(b"x")
 
     trio.run(main)
+
+
+def test_startup_error_groups_keep_and_log_every_error(caplog):
+    from chaid.errors import ChaidError
+    from chaid.server.daemon import _one_error
+    from chaid.store.errors import StoreError
+
+    single = StoreError("no room")
+    assert _one_error(ExceptionGroup("start", [single])) is single
+    group = ExceptionGroup("start", [StoreError("the store is busy"),
+                                     ExceptionGroup("inner", [ChaidError("socket in use")])])
+    with caplog.at_level("ERROR", logger="chaid.server"):
+        merged = _one_error(group)
+    assert isinstance(merged, ChaidError)
+    assert str(merged) == "the store is busy; socket in use"
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("the store is busy" in m for m in logged)
+    assert any("socket in use" in m for m in logged)

@@ -25,27 +25,13 @@ from chaid.models.shapes_vae import (
 TINY = ShapesVAEConfig(width_high=16, width_low=16, groups=8)
 
 
-# Every test here runs with one torch thread (see conftest.py).
+# Every test here runs with one torch thread (see the root conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_vae() -> ShapesVAE:
+def test_fitted_statistics_normalise_the_latent():
     torch.manual_seed(0)
-    return ShapesVAE(TINY).eval()
-
-
-
-
-
-
-
-
-
-
-def test_fitted_statistics_normalise_the_latent(tiny_vae):
     vae = ShapesVAE(TINY).eval()
-    vae.load_state_dict(tiny_vae.state_dict())
     fit_latent_statistics(vae, seed=3, clips=8, batch_size=8)
     batch = render_batch(np.random.default_rng(3 + STATS_STREAM), 8)
     z = vae.encode(batch.video).transpose(0, 1).reshape(4, -1)
