@@ -185,6 +185,60 @@ def _cmd_bench_threshold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_bench_steps(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "steps", help="the step curve: plain-N, CHAI-N and full-30, paired, on every metric",
+        description="On entity-sharing Shapes pairs, generate each second prompt with "
+        "full-30, plain-N and CHAI-N for every N; judge and fidelity metrics; paired 95%% "
+        "bootstrap intervals of CHAI-N vs plain-N and of each method vs full-30. Resumes "
+        "from the rows already in --out; --shard K/N splits the pairs between processes.")
+    p.add_argument("--out", type=Path, required=True,
+                   help="work directory: rows of finished pairs, the report and plot")
+    p.add_argument("--pairs", type=int, help="entity-sharing pairs (default 256)")
+    p.add_argument("--quick", action="store_true", help="4 pairs, N in 2,8 (CI smoke test)")
+    p.add_argument("--steps", default="2,3,4,6,8,12", help="step counts N (comma list)")
+    p.add_argument("--shard", default="0/1", help="K/N: run every Nth pair from the Kth")
+    p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
+    p.add_argument("--weights", help="DiT weights (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(func=_cmd_bench_steps)
+
+
+def _cmd_bench_steps(args: argparse.Namespace) -> int:
+    from chaid.checks import check_int
+    from chaid.errors import ChaidError
+
+    steps = tuple(int_list("--steps", "2,8" if args.quick else args.steps, 1, 200))
+    pairs = check_int("--pairs", args.pairs if args.pairs is not None else
+                      (4 if args.quick else 256), 2, 100_000, ChaidError)
+    try:
+        k, n = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        raise ChaidError(f"--shard takes K/N, not {args.shard!r}") from None
+    check_int("--shard N", n, 1, 64, ChaidError)
+    check_int("--shard K", k, 0, n - 1, ChaidError)
+    check_int("--threads", args.threads, 1, 256, ChaidError)
+    import torch
+
+    from chaid_lab.bench.steps import StepCurveConfig, plot, run, tables
+
+    torch.set_num_threads(args.threads)
+    cfg = StepCurveConfig(model=args.model, weights=args.weights, pairs=pairs, steps=steps,
+                          seed=args.seed)
+    report = run(cfg, args.out, (k, n))
+    if report is None:
+        print(f"shard {k}/{n} done; other shards' pairs are still missing")
+        return 0
+    report["command"] = "chaid-lab " + " ".join(sys.argv[1:])
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    text = tables(report)
+    (args.out / "tables.md").write_text(text + "\n")
+    plot(report, args.out / "step-curve.png")
+    print(text)
+    return 0
+
+
 def register_bench(sub: argparse._SubParsersAction) -> None:
     from chaid_lab.bench.daemon import register_bench_daemon
     from chaid_lab.bench.rpc import register_bench_rpc
@@ -193,5 +247,5 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     for register in (_register_bench_cache, _register_bench_threshold, register_bench_quality,
                      register_bench_ablation, register_bench_report, register_bench_rpc,
-                     register_bench_daemon):
+                     register_bench_daemon, _register_bench_steps):
         register(bench_sub)

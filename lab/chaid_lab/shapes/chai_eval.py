@@ -19,7 +19,7 @@ import numpy as np
 from chaid.engine.pipeline import GenerationRequest, Pipeline
 from chaid_lab.shapes.judge import load_judge, score
 from chaid_lab.shapes.prompts import describe
-from chaid_lab.shapes.world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, sample_scene
+from chaid_lab.shapes.world import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, Scene, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class Pair:
     cached: str  # the prompt whose full run fills the cache
     prompt: str  # the prompt generated three ways
     shared: str  # "scene" or "object"
+    # The scene ``prompt`` describes: its true render is the fidelity metrics' reference.
+    scene: Scene | None = None
 
 
 def entity_sharing_pairs(count: int, seed: int = 0) -> list[Pair]:
@@ -55,7 +57,7 @@ def entity_sharing_pairs(count: int, seed: int = 0) -> list[Pair]:
                 rng, background=str(rng.choice(others)), objects=[(main.shape, main.colour, motion)]
             )
             shared = "object"
-        pairs.append(Pair(describe(a, rng), describe(b, rng), shared))
+        pairs.append(Pair(describe(a, rng), describe(b, rng), shared, b))
     return pairs
 
 

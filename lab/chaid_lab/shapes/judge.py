@@ -109,6 +109,12 @@ class ShapesJudge(nn.Module):
         self.heads = nn.ModuleDict({k: nn.Linear(features, n) for k, n in heads.items()})
 
     def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.features(video)
+        return {k: head(features) for k, head in self.heads.items()}
+
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """The pooled appearance and tracking features the heads read, (B, 2*hidden + 2*w3):
+        the feature space of the Fréchet and kernel distances (chaid_lab.fidelity)."""
         b, _, f, h, w = video.shape
         x = video.transpose(1, 2).reshape(b * f, 3, h, w)
         maps = self.frame_cnn(x)  # (B*F, w3, 8, 8)
@@ -116,10 +122,9 @@ class ShapesJudge(nn.Module):
         pooled = torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)  # (B*F, 2*w3)
         track = torch.cat([self.track_in(maps), pooled], dim=1)  # (B*F, track + 2*w3)
         track = self.temporal(track.view(b, f, -1).transpose(1, 2))  # (B, hidden, F)
-        features = torch.cat(
+        return torch.cat(
             [track.mean(dim=2), track.amax(dim=2), pooled.view(b, f, -1).mean(dim=1)], dim=1
         )  # (B, 2*hidden + 2*w3)
-        return {k: head(features) for k, head in self.heads.items()}
 
 
 def _suffix(slot: int) -> str:

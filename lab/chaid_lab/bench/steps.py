@@ -1,0 +1,379 @@
+"""``chaid-lab bench steps``: the step curve, paired, on every metric.
+
+For entity-sharing prompt pairs of the Shapes world (:func:`entity_sharing_pairs`: half
+share the scene, half the object), the first prompt's full run fills a cache entry; the
+second prompt is then generated from one seed by full-30, plain-N and CHAI-N for every N of
+``--steps`` (CHAI-N: N steps with Cache Attention at the cached steps that fit in N). Each
+video is scored by the judge and by the fidelity metrics of :mod:`chaid_lab.fidelity`
+against the true render of its scene and the same-seed full-30 video.
+
+The report compares, for every N, CHAI-N with plain-N and each method with full-30: the
+paired mean difference over pairs with its 95% bootstrap interval (:mod:`chaid_lab.stats`),
+for all pairs and per pair kind. Distribution metrics (Fréchet and kernel distances to the
+true renders) get a bootstrap interval over the same resampled pairs for both methods.
+
+Long runs resume: each finished pair is appended to ``rows-<shard>.jsonl`` in the output
+directory, and a run skips the pairs already there. ``--shard K/N`` runs every Nth pair,
+so N processes share the work; whichever finds every pair done writes the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chaid.config import MODEL_CFG_SCALE, ChaiSettings
+from chaid.errors import ChaidError
+from chaid_lab.stats import PairedDiff, paired_difference
+
+log = logging.getLogger(__name__)
+
+# The step counts of the curve: where few-step sampling starts to lose, and where it ties.
+STEP_COUNTS = (2, 3, 4, 6, 8, 12)
+# Pairs of a full run: enough for a judge interval of half-width <= 0.005 on the paired
+# differences measured here (docs/results.md, "How many pairs").
+DEFAULT_PAIRS = 256
+QUICK_PAIRS = 4
+GROUPS = ("all", "scene", "object")
+# Per-video metrics, and whether a larger value is better. The ratios to the true render
+# compare by their distance from 1 (|log ratio|): both blur and noise move them away.
+METRICS: dict[str, bool] = {
+    "judge": True,
+    "psnr": True,
+    "ssim": True,
+    "hf_error": False,
+    "motion_error": False,
+    "jump_error": False,
+}
+# Bootstrap resamples of the distribution metrics (each one a Fréchet distance per method).
+DISTRIBUTION_RESAMPLES = 200
+
+
+@dataclass(frozen=True)
+class StepCurveConfig:
+    model: str = "tiny-shapes"
+    weights: str | None = None
+    device: str = "auto"
+    pairs: int = DEFAULT_PAIRS
+    steps: tuple[int, ...] = STEP_COUNTS
+    seed: int = 0
+    # MODEL_CFG_SCALE: the preset's own guidance scale.
+    cfg_scale: float | str | None = MODEL_CFG_SCALE
+    chai: ChaiSettings = field(default_factory=ChaiSettings)
+
+
+def chai_at(chai: ChaiSettings, steps: int) -> ChaiSettings:
+    """CHAI with ``steps`` fast steps: Cache Attention at the cached steps that fit."""
+    fitting = tuple(k for k in chai.cache_steps if k <= steps)
+    if not fitting:
+        raise ChaidError(f"no cached step of {list(chai.cache_steps)} fits in {steps} steps")
+    return dataclasses.replace(chai, fast_steps=steps, cache_steps=fitting)
+
+
+def method_names(steps: tuple[int, ...]) -> list[str]:
+    return ["full-30", *(f"plain-{n}" for n in steps), *(f"chai-{n}" for n in steps)]
+
+
+class StepCurve:
+    """Generates and scores the pairs of one shard; see the module docstring."""
+
+    def __init__(self, cfg: StepCurveConfig) -> None:
+        from chaid.engine.pipeline import GenerationRequest, Pipeline, resolve_device
+        from chaid.models import build_parts
+        from chaid_lab.shapes.chai_eval import entity_sharing_pairs
+        from chaid_lab.shapes.judge import load_judge
+
+        self.cfg = cfg
+        device = resolve_device(cfg.device)
+        parts = build_parts(cfg.model, cfg.weights, device=device)
+        self.full = Pipeline(parts, device, cfg.chai)
+        self.fast = {n: Pipeline(parts, device, chai_at(cfg.chai, n)) for n in cfg.steps}
+        self.base = self.full.resolve(GenerationRequest("a red circle", cfg_scale=cfg.cfg_scale))
+        self.pairs = entity_sharing_pairs(cfg.pairs, cfg.seed)
+        self.judge = load_judge()
+
+    def run_pair(self, index: int) -> dict[str, Any]:
+        from chaid_lab.fidelity import judge_features, per_video
+        from chaid_lab.shapes.judge import score
+        from chaid_lab.shapes.world import render
+
+        cfg, base, pair = self.cfg, self.base, self.pairs[index]
+        full_steps = cfg.chai.full_steps
+        # 1. the cached prompt's full run fills the entry (every step CHAI may read)
+        cached = self.full.generate(dataclasses.replace(
+            base, prompt=pair.cached, seed=cfg.seed + 2 * index, steps=full_steps,
+            capture_steps=tuple(cfg.chai.cache_steps)))
+        # 2. the prompt, every method from one seed
+        request = dataclasses.replace(base, prompt=pair.prompt, seed=cfg.seed + 2 * index + 1)
+        results = {"full-30": self.full.generate(dataclasses.replace(request, steps=full_steps))}
+        for n, pipeline in self.fast.items():
+            results[f"plain-{n}"] = pipeline.generate(dataclasses.replace(request, steps=n))
+            latents = {k: cached.captured[k] for k in pipeline.chai.cache_steps}
+            results[f"chai-{n}"] = pipeline.generate(
+                dataclasses.replace(request, steps=n, cache_latents=latents))
+        # 3. scores: the judge, fidelity against truth and against full-30, judge features
+        truth = render(pair.scene, base.frames, base.height, base.width)
+        full_video = results["full-30"].video
+        names = list(results)
+        features = judge_features([results[m].video for m in names] + [truth], self.judge)
+        methods = {}
+        for m in names:
+            video = results[m].video
+            metrics = per_video(video, truth, None if m == "full-30" else full_video)
+            methods[m] = {
+                "judge": float(score(video, pair.prompt, self.judge)["overall"]),
+                **{k: round(v, 5) for k, v in metrics.items()},
+                "ms": round(results[m].timings.total_ms, 1),
+            }
+        return {
+            "index": index,
+            "prompt": pair.prompt,
+            "cached": pair.cached,
+            "shared": pair.shared,
+            "methods": methods,
+            "features": {name: np.round(f, 4).tolist()
+                         for name, f in zip([*names, "truth"], features, strict=True)},
+        }
+
+
+# -- rows on disk ----------------------------------------------------------------------------
+
+
+def read_rows(out: Path) -> dict[int, dict[str, Any]]:
+    """Every finished pair in ``out`` (all shards), by index; a torn last line is skipped."""
+    rows: dict[int, dict[str, Any]] = {}
+    for path in sorted(out.glob("rows-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a run stopped mid-write: that pair runs again
+                continue
+            rows[row["index"]] = row
+    return rows
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def run(cfg: StepCurveConfig, out: Path, shard: tuple[int, int] = (0, 1)) -> dict | None:
+    """Run this shard's missing pairs; return the report once every pair is done."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    k, n = shard
+    done = read_rows(out)
+    todo = [i for i in range(cfg.pairs) if i % n == k and i not in done]
+    if todo:
+        curve = StepCurve(cfg)
+        path = out / f"rows-{k}.jsonl"
+        t0 = time.perf_counter()
+        for count, i in enumerate(todo, 1):
+            append_row(path, curve.run_pair(i))
+            rate = (time.perf_counter() - t0) / count
+            log.info("pair %d done (%d/%d of this shard, %.1f s each, ~%.0f min left)",
+                     i, count, len(todo), rate, rate * (len(todo) - count) / 60)
+    rows = read_rows(out)
+    missing = [i for i in range(cfg.pairs) if i not in rows]
+    if missing:
+        log.info("%d pairs still missing (other shards); no report yet", len(missing))
+        return None
+    return report([rows[i] for i in range(cfg.pairs)], cfg)
+
+
+def _config_dict(cfg: StepCurveConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out["steps"] = list(cfg.steps)
+    return out
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _metric(row: dict, method: str, name: str) -> float:
+    m = row["methods"][method]
+    if name == "hf_error":
+        return abs(math.log(max(m["hf_ratio"], 1e-9)))
+    if name == "motion_error":
+        return abs(math.log(max(m["motion_ratio"], 1e-9)))
+    if name == "jump_error":
+        return abs(math.log(max(m["jump_ratio"], 1e-9)))
+    return float(m.get(name, math.nan))
+
+
+def _distribution(rows: list[dict], methods: list[str], seed: int) -> dict[str, Any]:
+    """Fréchet and kernel distances of each method's videos to the true renders, with a
+    bootstrap interval over pairs; and paired intervals of their differences."""
+    from chaid_lab.fidelity import feature_space, frechet_distance, kernel_distance
+
+    raw = {m: np.asarray([r["features"][m] for r in rows]) for m in [*methods, "truth"]}
+    space = feature_space(raw["truth"])
+    feats = {m: space.project(f) for m, f in raw.items()}
+    out: dict[str, Any] = {"fd": {}, "kid": {}}
+    for m in methods:
+        out["fd"][m] = round(frechet_distance(feats[m], feats["truth"]), 4)
+        out["kid"][m] = round(1e3 * kernel_distance(feats[m], feats["truth"], seed=seed), 4)
+    # Bootstrap over pairs: the same resampled pairs for every method, so differences pair.
+    rng = np.random.default_rng(seed)
+    boots = {m: [] for m in methods}
+    for _ in range(DISTRIBUTION_RESAMPLES):
+        idx = rng.integers(0, len(rows), len(rows))
+        for m in methods:
+            boots[m].append(frechet_distance(feats[m][idx], feats["truth"][idx]))
+    out["fd_boot"] = {m: np.asarray(v) for m, v in boots.items()}
+    return out
+
+
+def _fd_difference(boot: dict[str, np.ndarray], a: str, b: str, point: float, n: int
+                   ) -> PairedDiff:
+    d = boot[a] - boot[b]
+    low, high = (float(x) for x in np.percentile(d, [2.5, 97.5]))
+    verdict = "loss" if low > 0 else "win" if high < 0 else "tie"
+    return PairedDiff(point, low, high, n, verdict, higher_is_better=False)
+
+
+def report(rows: list[dict], cfg: StepCurveConfig) -> dict[str, Any]:
+    methods = method_names(cfg.steps)
+    groups = {g: [r for r in rows if g == "all" or r["shared"] == g] for g in GROUPS}
+    summary: dict[str, Any] = {}
+    comparisons: list[dict[str, Any]] = []
+    for g, grows in groups.items():
+        if len(grows) < 2:
+            continue
+        means = {m: {k: round(float(np.nanmean([_metric(r, m, k) for r in grows])), 4)
+                     for k in METRICS} for m in methods}
+        for m in methods:
+            means[m]["ms_median"] = round(float(np.median([r["methods"][m]["ms"]
+                                                           for r in grows])), 1)
+            for ratio in ("hf_ratio", "motion_ratio", "jump_ratio"):
+                means[m][ratio] = round(float(np.mean([r["methods"][m][ratio]
+                                                        for r in grows])), 4)
+        dist = _distribution(grows, methods, cfg.seed)
+        for m in methods:
+            means[m]["fd"] = dist["fd"][m]
+            means[m]["kid_x1e3"] = dist["kid"][m]
+        summary[g] = means
+
+        def compare(a: str, b: str, metrics: list[str], _g=g, _rows=grows) -> None:
+            for k in metrics:
+                diff = paired_difference([_metric(r, a, k) for r in _rows],
+                                         [_metric(r, b, k) for r in _rows],
+                                         higher_is_better=METRICS[k], seed=cfg.seed)
+                comparisons.append({"group": _g, "a": a, "b": b, "metric": k,
+                                    **diff.as_dict()})
+
+        for n in cfg.steps:
+            compare(f"chai-{n}", f"plain-{n}", list(METRICS))
+            for m in (f"plain-{n}", f"chai-{n}"):
+                compare(m, "full-30", [k for k in METRICS if k not in ("psnr", "ssim")])
+            for a, b in ((f"chai-{n}", f"plain-{n}"), (f"plain-{n}", "full-30"),
+                         (f"chai-{n}", "full-30")):
+                fd = _fd_difference(dist["fd_boot"], a, b, dist["fd"][a] - dist["fd"][b],
+                                    len(grows))
+                comparisons.append({"group": g, "a": a, "b": b, "metric": "fd",
+                                    **fd.as_dict()})
+    return {
+        "config": _config_dict(cfg),
+        "pairs": len(rows),
+        "pair_kinds": {g: len(v) for g, v in groups.items()},
+        "methods": methods,
+        "summary": summary,
+        "comparisons": comparisons,
+    }
+
+
+def find(report: dict, a: str, b: str, metric: str, group: str = "all") -> dict | None:
+    for c in report["comparisons"]:
+        if (c["a"], c["b"], c["metric"], c["group"]) == (a, b, metric, group):
+            return c
+    return None
+
+
+def _cell(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    mark = {"win": " **win**", "loss": " **loss**", "tie": ""}[c["verdict"]]
+    return f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]{mark}"
+
+
+def tables(report: dict) -> str:
+    """Markdown: per pair kind, one row per N with the judge and fidelity of plain-N and
+    CHAI-N and their paired differences."""
+    steps = report["config"]["steps"]
+    out = []
+    for g, means in report["summary"].items():
+        full = means["full-30"]
+        out.append(f"### {g} pairs ({report['pair_kinds'][g]}); full-30: judge "
+                   f"{full['judge']:.4f}, FD {full['fd']:.3f}, KIDx1e3 {full['kid_x1e3']:.3f},"
+                   f" HF ratio {full['hf_ratio']:.3f}, jump ratio {full['jump_ratio']:.3f}\n")
+        out.append("| N | judge plain | judge CHAI | CHAI − plain (judge) | plain − full-30 "
+                   "(judge) | CHAI − full-30 (judge) | PSNR plain / CHAI (dB) | CHAI − plain "
+                   "(PSNR) | SSIM plain / CHAI | FD plain / CHAI | CHAI − plain (FD) |"
+                   " HF ratio plain / CHAI | jump ratio plain / CHAI |")
+        out.append("|---" * 13 + "|")
+        for n in steps:
+            p, c = means[f"plain-{n}"], means[f"chai-{n}"]
+            out.append(
+                f"| {n} | {p['judge']:.4f} | {c['judge']:.4f} | "
+                f"{_cell(find(report, f'chai-{n}', f'plain-{n}', 'judge', g))} | "
+                f"{_cell(find(report, f'plain-{n}', 'full-30', 'judge', g))} | "
+                f"{_cell(find(report, f'chai-{n}', 'full-30', 'judge', g))} | "
+                f"{p['psnr']:.2f} / {c['psnr']:.2f} | "
+                f"{_cell(find(report, f'chai-{n}', f'plain-{n}', 'psnr', g))} | "
+                f"{p['ssim']:.4f} / {c['ssim']:.4f} | {p['fd']:.3f} / {c['fd']:.3f} | "
+                f"{_cell(find(report, f'chai-{n}', f'plain-{n}', 'fd', g))} | "
+                f"{p['hf_ratio']:.3f} / {c['hf_ratio']:.3f} | "
+                f"{p['jump_ratio']:.3f} / {c['jump_ratio']:.3f} |")
+        out.append("")
+    out.append("Cells: paired mean difference [95% bootstrap interval] over pairs; **win** or "
+               "**loss** only when the interval excludes 0 (for FD lower is better).")
+    return "\n".join(out)
+
+
+def plot(report: dict, path: Path) -> None:
+    from chaid_lab.shapes.suite import _require_matplotlib
+
+    plt = _require_matplotlib()
+    steps = report["config"]["steps"]
+    panels = [("judge", "judge score (higher is better)"),
+              ("psnr", "PSNR to same-seed full-30 (dB)"),
+              ("fd", "Fréchet distance to true renders (lower is better)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    styles = {"all": "-", "scene": "--", "object": ":"}
+    for ax, (metric, title) in zip(axes, panels, strict=True):
+        for g, means in report["summary"].items():
+            for kind, colour in (("plain", "tab:blue"), ("chai", "tab:orange")):
+                ys = [means[f"{kind}-{n}"][metric] for n in steps]
+                ax.plot(steps, ys, styles[g], color=colour, marker="o", ms=3,
+                        label=f"{kind}-N ({g})")
+            if metric != "psnr":
+                ax.axhline(means["full-30"][metric], color="grey", ls=styles[g], lw=0.8,
+                           label=f"full-30 ({g})")
+        if metric == "judge":  # the paired intervals of CHAI-N − plain-N, all pairs
+            for n in steps:
+                c = find(report, f"chai-{n}", f"plain-{n}", "judge")
+                if c:
+                    base = report["summary"]["all"][f"plain-{n}"]["judge"]
+                    ax.errorbar([n], [base + c["mean"]], yerr=[[c["mean"] - c["low"]],
+                                [c["high"] - c["mean"]]], color="black", capsize=3, lw=0.8)
+        ax.set_xlabel("denoising steps N")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Step curve on {report['pairs']} entity-sharing pairs "
+                 f"({report['config']['model']}); bars: 95% CI of CHAI-N − plain-N")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
