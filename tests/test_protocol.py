@@ -177,6 +177,7 @@ def test_client_reads_a_refusal_after_its_send_broke(tmp_path, loop):
     import threading
 
     import trio
+
     from chai_client import AsyncClient, Client
     from chai_client.errors import BusyError
 

@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
-from chaid_lab.cli_args import int_list
 
 from chaid.errors import ChaidError
+from chaid_lab.cli_args import int_list
 
 
 def test_int_list_parses_and_bounds():

@@ -3,9 +3,9 @@ where CUDA is present, bf16 runs at OpenSora's real widths (tests marked gpu).""
 
 import pytest
 import torch
-from chaid_lab.gpu_check import run_check
 
 from chaid.models.opensora_vae import build_opensora_vae
+from chaid_lab.gpu_check import run_check
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device: the OpenSora GPU path is untested"

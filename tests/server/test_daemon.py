@@ -12,8 +12,9 @@ import time
 
 import msgpack
 import pytest
-from chai_client import AsyncClient, BusyError, Client, InvalidParams, RpcError
 from daemonkit import LONG, Reader, call, raw_connect, send
+
+from chai_client import AsyncClient, BusyError, Client, InvalidParams, RpcError
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from chai_client import Client
 from daemonkit import BASE_ENV, LONG, REPO, Daemon, Reader, raw_connect, send
+
+from chai_client import Client
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 import pytest
 import trio
-from chai_client import AsyncClient, BusyError, Client
 from daemonkit import LONG, Reader, call, raw_connect, send
 
+from chai_client import AsyncClient, BusyError, Client
 from chaid.server.connection import OUTGOING_BYTES
 
 pytestmark = pytest.mark.integration

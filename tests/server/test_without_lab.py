@@ -6,8 +6,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from chai_client import Client
 from daemonkit import REPO, Daemon
+
+from chai_client import Client
 
 pytestmark = pytest.mark.integration
 

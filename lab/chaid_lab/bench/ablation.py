@@ -14,9 +14,11 @@ and values from the cache only, latents stored as fp16):
   the latents pass through the same conversion the store applies (int8: symmetric, one
   scale per channel and frame).
 
-Reported per variant: mean judge score against the second prompt, median latency (one
-process, runs interleaved pair by pair), speedup vs full-30 and bytes per cache entry
-(latents only).
+Reported per variant: mean judge score against the second prompt, PSNR to the same-seed
+full-30 video, median latency (one process, runs interleaved pair by pair), speedup vs
+full-30 and bytes per cache entry (latents only); and the paired differences of the judge
+(and PSNR) against full-30 and against plain-N at the variant's own N, each with its 95%
+bootstrap interval over pairs (win or loss only when the interval excludes 0).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from chaid.checks import check_int
 from chaid.config import ChaiSettings
 from chaid.engine.pipeline import GenerationRequest, Pipeline
+from chaid_lab.stats import paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ def entry_bytes(variant: Variant, latent_numel: int, channels: int, frames: int)
 
 
 def run_ablation(pipeline: Pipeline, pairs: int, seed: int = 0) -> dict:
+    from chaid_lab.fidelity import psnr
     from chaid_lab.shapes.chai_eval import entity_sharing_pairs
     from chaid_lab.shapes.judge import load_judge, score
 
@@ -104,6 +108,7 @@ def run_ablation(pipeline: Pipeline, pairs: int, seed: int = 0) -> dict:
     pipelines: dict[ChaiSettings, Pipeline] = {}
     scores: dict[int, list[float]] = {i: [] for i in range(len(chosen))}
     latencies: dict[int, list[float]] = {i: [] for i in range(len(chosen))}
+    psnrs: dict[int, list[float]] = {i: [] for i in range(len(chosen))}
     latent_shape = None
     for p, pair in enumerate(entity_sharing_pairs(pairs, seed)):
         fill = pipeline.generate(
@@ -111,6 +116,7 @@ def run_ablation(pipeline: Pipeline, pairs: int, seed: int = 0) -> dict:
                               capture_steps=CAPTURED)
         )
         latent_shape = tuple(fill.latent.shape)
+        full_video = None  # chosen[0] is full-30: the same-seed reference of every variant
         for i, v in enumerate(chosen):
             cached = None
             runner = pipeline
@@ -126,36 +132,61 @@ def run_ablation(pipeline: Pipeline, pairs: int, seed: int = 0) -> dict:
             )
             scores[i].append(score(result.video, pair.prompt, judge)["overall"])
             latencies[i].append(result.timings.total_ms)
+            if full_video is None:
+                full_video = result.video
+                psnrs[i].append(float("nan"))
+            else:
+                psnrs[i].append(psnr(result.video, full_video))
         log.info("ablation: pair %d/%d", p + 1, pairs)
     assert latent_shape is not None
     numel = int(np.prod(latent_shape))
     full_ms = statistics.median(latencies[0])
+    plain_of = {v.steps: i for i, v in enumerate(chosen)
+                if v.knob == "reference" and v.value.startswith("plain-")}
     rows = []
     for i, v in enumerate(chosen):
         ms = statistics.median(latencies[i])
-        rows.append({
+        row = {
             "knob": v.knob,
             "value": v.value,
             "steps": v.steps,
             "judge": float(np.mean(scores[i])),
+            "psnr": None if i == 0 else float(np.mean(psnrs[i])),
             "latency_ms_median": ms,
             "speedup_vs_full": full_ms / ms,
             "bytes_per_entry": entry_bytes(v, numel, latent_shape[0], latent_shape[1]),
-        })
+            "vs_full_judge": (None if i == 0 else
+                              paired_difference(scores[i], scores[0], seed=seed).as_dict()),
+        }
+        plain = plain_of.get(v.steps)
+        if v.chai is not None and plain is not None:
+            row["vs_plain_judge"] = paired_difference(scores[i], scores[plain],
+                                                      seed=seed).as_dict()
+            row["vs_plain_psnr"] = paired_difference(psnrs[i], psnrs[plain],
+                                                     seed=seed).as_dict()
+        rows.append(row)
     return {"pairs": pairs, "seed": seed, "latent_shape": list(latent_shape),
             "defaults": dataclasses.asdict(pipeline.chai), "rows": rows}
 
 
 def format_table(report: dict) -> str:
     lines = [f"{'setting':<14}{'value':<15}{'steps':>6}{'judge':>8}{'median ms':>11}"
-             f"{'speedup':>9}{'entry bytes':>13}"]
+             f"{'speedup':>9}{'entry bytes':>13}  vs full-30 (judge)          "
+             f"vs plain-N (judge)"]
     for r in report["rows"]:
         lines.append(
             f"{r['knob']:<14}{r['value']:<15}{r['steps']:>6}{r['judge']:>8.3f}"
             f"{r['latency_ms_median']:>11.0f}{r['speedup_vs_full']:>8.2f}x"
-            f"{r['bytes_per_entry']:>13}"
+            f"{r['bytes_per_entry']:>13}  {_diff(r.get('vs_full_judge')):<28}"
+            f"{_diff(r.get('vs_plain_judge'))}"
         )
     return "\n".join(lines)
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}] {d['verdict']}"
 
 
 def command(args) -> int:

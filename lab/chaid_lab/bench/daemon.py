@@ -103,7 +103,6 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
                    workdir: Path) -> dict:
     """A fresh daemon, warmed, then ``serve`` from ``clients`` concurrent connections."""
     from chai_client import BusyError, Client
-
     from chaid_lab.demo import start_daemon, wait_ready
 
     workdir.mkdir(parents=True)

@@ -396,8 +396,24 @@ def _nominal_steps(name: str, cfg: QualityBenchConfig) -> int:
 def summarise(
     workload: str, runs: dict[str, list[tuple[Run, float | None]]], cfg: QualityBenchConfig
 ) -> list[dict[str, Any]]:
-    """One row per method: the issue's schema plus counts of steps run and skipped."""
+    """One row per method: latency, speedup, judge, hit rates, counts of steps run and
+    skipped, PSNR to the same request's full-30 video, and paired differences (95%
+    bootstrap intervals over requests) of the judge against full-30 and, for the methods
+    that run the fast steps, of the judge and PSNR against plain-N."""
+    from chaid_lab.fidelity import psnr
+    from chaid_lab.stats import paired_difference
+
     full = statistics.median(r.latency_ms for r, _ in runs["full-30"])
+    plain_name = f"plain-{cfg.chai.fast_steps}"
+
+    def judge_of(name: str) -> list[float]:
+        return [np.nan if s is None else s for _, s in runs[name]]
+
+    def psnr_of(name: str) -> list[float]:
+        return [psnr(r.result.video, f.result.video)
+                for (r, _), (f, _) in zip(runs[name], runs["full-30"], strict=True)]
+
+    plain_psnr = psnr_of(plain_name) if plain_name in runs else None
     rows = []
     for name, items in runs.items():
         latency = statistics.median(r.latency_ms for r, _ in items)
@@ -424,23 +440,45 @@ def summarise(
                 ),
             }
         )
+        row = rows[-1]
+        if name != "full-30":
+            own_psnr = psnr_of(name)
+            row["psnr_vs_full"] = round(float(np.mean(own_psnr)), 3)
+            if scores:
+                row["vs_full_judge"] = paired_difference(
+                    judge_of(name), judge_of("full-30"), seed=cfg.seed).as_dict()
+            if name.startswith("chai-") and plain_psnr is not None:
+                if scores:
+                    row["vs_plain_judge"] = paired_difference(
+                        judge_of(name), judge_of(plain_name), seed=cfg.seed).as_dict()
+                row["vs_plain_psnr"] = paired_difference(own_psnr, plain_psnr,
+                                                         seed=cfg.seed).as_dict()
     return rows
 
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"{'workload':<9}{'method':<14}{'steps':>6}{'median ms':>11}{'speedup':>9}"
-        f"{'judge':>8}{'hits':>7}{'skipped':>9}"
+        f"{'judge':>8}{'hits':>7}{'skipped':>9}{'PSNR':>7}  vs full-30 (judge)"
+        f"          vs plain-N (judge)"
     ]
     for m in report["methods"]:
         judge = "-" if m["judge"] is None else f"{m['judge']:.3f}"
         hits = "-" if m["hit_rate"] is None else f"{m['hit_rate']:.2f}"
+        psnr = "-" if m.get("psnr_vs_full") is None else f"{m['psnr_vs_full']:.1f}"
         lines.append(
             f"{m['workload']:<9}{m['name']:<14}{m['steps']:>6}"
             f"{m['latency_ms_median']:>11.1f}{m['speedup_vs_full']:>8.2f}x"
-            f"{judge:>8}{hits:>7}{m['intra_skipped_mean']:>9.1f}"
+            f"{judge:>8}{hits:>7}{m['intra_skipped_mean']:>9.1f}{psnr:>7}"
+            f"  {_diff(m.get('vs_full_judge')):<28}{_diff(m.get('vs_plain_judge'))}"
         )
     return "\n".join(lines)
+
+
+def _diff(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}] {d['verdict']}"
 
 
 def run_quality_bench(cfg: QualityBenchConfig, work_dir: Path | None = None) -> dict[str, Any]:

@@ -147,29 +147,46 @@ def _fmt(v: Any, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+_PAIRED_NOTE = ("Differences are paired (same prompt, same seed): mean [95% bootstrap "
+                "interval]; **win** or **loss** only when the interval excludes 0.")
+
+
+def _paired(d: dict | None, digits: int = 3) -> str:
+    if not d:
+        return "–"
+    mark = {"win": " **win**", "loss": " **loss**"}.get(d["verdict"], "")
+    return (f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+            f"{mark}")
+
+
 def tables(report: dict) -> str:
     """The Markdown tables of docs/results.md."""
     lines: list[str] = []
     if "quality" in report:
         lines += ["### Methods", "",
                   "| workload | method | steps | median ms | speedup vs full-30 | judge |"
-                  " hit rate |", "|---|---|---|---|---|---|---|"]
+                  " hit rate | PSNR to full-30 (dB) | judge − full-30 | judge − plain-N |"
+                  " PSNR − plain-N |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in report["quality"]["methods"]:
             lines.append(
                 f"| {m['workload']} | {m['name']} | {m['steps']} |"
                 f" {m['latency_ms_median']:.0f} | {m['speedup_vs_full']:.2f}× |"
-                f" {_fmt(m['judge'], '.3f')} | {_fmt(m['hit_rate'], '.2f')} |")
-        lines.append("")
+                f" {_fmt(m['judge'], '.3f')} | {_fmt(m['hit_rate'], '.2f')} |"
+                f" {_fmt(m.get('psnr_vs_full'), '.2f')} | {_paired(m.get('vs_full_judge'))} |"
+                f" {_paired(m.get('vs_plain_judge'))} | {_paired(m.get('vs_plain_psnr'), 2)} |")
+        lines += ["", _PAIRED_NOTE, ""]
     if "ablation" in report:
         lines += ["### Ablation (all-hit pairs)", "",
-                  "| setting | value | steps | judge | median ms | speedup | bytes per entry |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| setting | value | steps | judge | median ms | speedup | bytes per entry |"
+                  " judge − full-30 | judge − plain-N | PSNR − plain-N |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["ablation"]["rows"]:
             lines.append(
                 f"| {r['knob']} | {r['value']} | {r['steps']} | {r['judge']:.3f} |"
                 f" {r['latency_ms_median']:.0f} | {r['speedup_vs_full']:.2f}× |"
-                f" {r['bytes_per_entry']} |")
-        lines.append("")
+                f" {r['bytes_per_entry']} | {_paired(r.get('vs_full_judge'))} |"
+                f" {_paired(r.get('vs_plain_judge'))} | {_paired(r.get('vs_plain_psnr'), 2)} |")
+        lines += ["", _PAIRED_NOTE, ""]
     if "hit_rates" in report:
         hr = report["hit_rates"]
         lines += [f"### Hit rate vs cache size ({hr['prompts']} Shapes prompts, LRU)", "",

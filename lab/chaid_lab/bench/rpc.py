@@ -41,7 +41,6 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def _cmd_bench_rpc(args: argparse.Namespace) -> int:
     from chai_client import Client
-
     from chaid_lab.demo import start_daemon, wait_ready
 
     report: dict = {"model": args.model, "steps": args.steps}

@@ -212,6 +212,12 @@ def _metric(row: dict, method: str, name: str) -> float:
     return float(m.get(name, math.nan))
 
 
+def _mean(values: list[float]) -> float | None:
+    """Mean of the finite values (full-30 has no PSNR to itself): None when there are none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return round(float(np.mean(finite)), 4) if finite else None
+
+
 def _distribution(rows: list[dict], methods: list[str], seed: int) -> dict[str, Any]:
     """Fréchet and kernel distances of each method's videos to the true renders, with a
     bootstrap interval over pairs; and paired intervals of their differences."""
@@ -251,8 +257,8 @@ def report(rows: list[dict], cfg: StepCurveConfig) -> dict[str, Any]:
     for g, grows in groups.items():
         if len(grows) < 2:
             continue
-        means = {m: {k: round(float(np.nanmean([_metric(r, m, k) for r in grows])), 4)
-                     for k in METRICS} for m in methods}
+        means = {m: {k: _mean([_metric(r, m, k) for r in grows]) for k in METRICS}
+                 for m in methods}
         for m in methods:
             means[m]["ms_median"] = round(float(np.median([r["methods"][m]["ms"]
                                                            for r in grows])), 1)

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from chaid_lab.bench.ablation import entry_bytes, stored_round_trip, variants
-from chaid_lab.shapes.judge import JUDGE_WEIGHTS
 
 from chaid.config import ChaiSettings
+from chaid_lab.bench.ablation import entry_bytes, stored_round_trip, variants
+from chaid_lab.shapes.judge import JUDGE_WEIGHTS
 
 
 def test_each_variant_changes_one_setting_of_the_defaults():
@@ -62,3 +62,10 @@ def test_cli_reports_every_variant(tmp_path):
     assert full["value"] == "full-30" and full["speedup_vs_full"] == 1.0
     assert all(0.0 <= r["judge"] <= 1.0 and r["latency_ms_median"] > 0 for r in report["rows"])
     assert "cache_blocks" in done.stdout
+    # a single pair gives unbounded intervals: every comparison is a tie
+    by = {(r["knob"], r["value"]): r for r in report["rows"]}
+    assert full["vs_full_judge"] is None and full["psnr"] is None
+    chai8 = by[("fast_steps", "8")]
+    assert chai8["vs_plain_judge"]["verdict"] == "tie" and chai8["vs_plain_judge"]["n"] == 1
+    assert by[("reference", "plain-8")]["vs_full_judge"]["n"] == 1
+    assert "vs_plain_judge" not in by[("reference", "plain-8")]

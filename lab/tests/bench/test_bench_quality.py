@@ -49,4 +49,13 @@ def test_quick_bench_writes_the_schema(tmp_path: Path):
     assert by[("full-30", "stream")]["speedup_vs_full"] == 1.0
     assert by[("chai-8", "all-hit")]["hit_rate"] == 1.0  # served from the pair's entry
     assert by[("full-30", "all-hit")]["hit_rate"] is None
+    # paired comparisons: every method against full-30, CHAI against plain-8 on the same seeds
+    chai = by[("chai-8", "stream")]
+    assert chai["psnr_vs_full"] > 0 and chai["vs_plain_psnr"]["n"] == 2
+    if chai["judge"] is not None:
+        diff = chai["vs_full_judge"]
+        assert diff["low"] <= diff["mean"] <= diff["high"] and diff["n"] == 2
+        assert diff["verdict"] in ("win", "loss", "tie")
+        assert by[("plain-8", "stream")].get("vs_plain_judge") is None
+    assert "psnr_vs_full" not in by[("full-30", "stream")]
     assert "chai-8" in proc.stdout

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from chaid_lab.bench.report import tables
 from chaid_lab.shapes.judge import JUDGE_WEIGHTS
 

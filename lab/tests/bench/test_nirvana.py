@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from chaid_lab.baselines.nirvana import NirvanaSettings, substituted_request
 
 from chaid.engine.pipeline import GenerationRequest
 from chaid.errors import InputError
+from chaid_lab.baselines.nirvana import NirvanaSettings, substituted_request
 
 PROMPT = "a red circle moving left over a grassy field"
 

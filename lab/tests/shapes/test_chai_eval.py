@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from chaid_lab.shapes.chai_eval import METHODS, entity_sharing_pairs, evaluate, format_table
-from chaid_lab.shapes.judge import JUDGE_WEIGHTS
-from chaid_lab.shapes.prompts import parse
 
 from chaid.engine.pipeline import Pipeline
 from chaid.models import build_parts
+from chaid_lab.shapes.chai_eval import METHODS, entity_sharing_pairs, evaluate, format_table
+from chaid_lab.shapes.judge import JUDGE_WEIGHTS
+from chaid_lab.shapes.prompts import parse
 
 
 def test_pairs_share_the_scene_or_the_object():

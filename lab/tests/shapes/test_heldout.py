@@ -1,4 +1,5 @@
 import numpy as np
+
 from chaid_lab.shapes.heldout import (
     HELD_OUT_COLOUR_BACKGROUNDS,
     HELD_OUT_OBJECTS,

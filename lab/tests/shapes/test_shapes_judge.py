@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+
+from chaid.video import write_mp4
 from chaid_lab.cli import main
 from chaid_lab.shapes.data import render_batch
 from chaid_lab.shapes.judge import (
@@ -21,8 +23,6 @@ from chaid_lab.shapes.judge import (
 from chaid_lab.shapes.prompts import canonical
 from chaid_lab.shapes.train_judge import evaluate_judge, judge_loss
 from chaid_lab.shapes.world import render, sample_scene
-
-from chaid.video import write_mp4
 
 shipped = pytest.mark.skipif(not JUDGE_WEIGHTS.is_file(), reason="no shipped judge weights")
 # Floors for the shipped judge on clean renders (a few dozen clips, so a little slack

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from chaid_lab.shapes.prompts import (
     BACKGROUND_PHRASES,
     COLOUR_WORDS,

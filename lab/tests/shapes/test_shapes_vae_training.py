@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from chaid.models.shapes_vae import (
+    SHAPES_VAE_WEIGHTS,
+    ShapesVAE,
+    ShapesVAEConfig,
+    load_shapes_vae,
+)
 from chaid_lab.shapes.data import psnr, render_batch
 from chaid_lab.shapes.train_vae import (
     STATS_STREAM,
@@ -12,13 +19,6 @@ from chaid_lab.shapes.train_vae import (
     fit_latent_statistics,
     train_vae,
     vae_loss,
-)
-
-from chaid.models.shapes_vae import (
-    SHAPES_VAE_WEIGHTS,
-    ShapesVAE,
-    ShapesVAEConfig,
-    load_shapes_vae,
 )
 
 # A narrow copy of the architecture: the same code paths, a fraction of the compute.

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 from chaid_lab.shapes.world import (
     BACKGROUNDS,
     COLOURS,

@@ -7,6 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+from chaid.engine.pipeline import Pipeline
+from chaid.models import build_parts
 from chaid_lab.shapes.heldout import is_held_out
 from chaid_lab.shapes.judge import JUDGE_WEIGHTS
 from chaid_lab.shapes.prompts import parse
@@ -18,9 +21,6 @@ from chaid_lab.shapes.suite import (
     format_table,
 )
 from chaid_lab.shapes.world import labels
-
-from chaid.engine.pipeline import Pipeline
-from chaid.models import build_parts
 
 
 def test_suite_is_fixed_large_and_holds_out_combinations():

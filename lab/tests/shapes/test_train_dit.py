@@ -5,6 +5,8 @@ import logging
 import numpy as np
 import pytest
 import torch
+
+from chaid.models import build_model, build_parts
 from chaid_lab.shapes.prompts import describe
 from chaid_lab.shapes.train_dit import (
     CHECKPOINT,
@@ -16,8 +18,6 @@ from chaid_lab.shapes.train_dit import (
     train_dit,
 )
 from chaid_lab.shapes.world import Scene, ShapeObject, render_with_masks
-
-from chaid.models import build_model, build_parts
 
 CFG = DitTrainConfig(
     steps=40,

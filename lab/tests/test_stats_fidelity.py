@@ -1,0 +1,120 @@
+"""Paired intervals and fidelity metrics: each says what it should on data whose answer is
+known, and the step curve runs, reports and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import linalg
+
+from chaid_lab import fidelity
+from chaid_lab.stats import paired_difference, pairs_for_half_width
+
+
+def test_a_clear_shift_is_a_win_and_noise_is_a_tie():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.9, 0.05, 300)
+    better = base + 0.01 + rng.normal(0, 0.01, 300)
+    win = paired_difference(better, base)
+    assert win.verdict == "win" and 0 < win.low < 0.01 < win.high
+    assert paired_difference(base, better).verdict == "loss"
+    noise = paired_difference(base + rng.normal(0, 0.01, 300), base)
+    assert noise.verdict == "tie" and noise.low < 0 < noise.high
+    # lower is better (a distance): the same shift is a loss
+    assert paired_difference(better, base, higher_is_better=False).verdict == "loss"
+
+
+def test_interval_covers_the_true_mean_with_the_expected_width():
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.1, 1.0, 400)
+    diff = paired_difference(d, np.zeros_like(d))
+    assert diff.low < 0.1 < diff.high
+    assert diff.half_width == pytest.approx(1.96 / np.sqrt(400), rel=0.15)
+
+
+def test_degenerate_samples():
+    same = paired_difference([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])
+    assert (same.low, same.high, same.verdict) == (0.5, 0.5, "win")
+    one = paired_difference([1.0], [0.0])
+    assert one.verdict == "tie" and one.low == -np.inf
+    nan = paired_difference([1.0, np.nan, 2.0], [0.0, 0.0, 0.0])
+    assert nan.n == 2
+    with pytest.raises(ValueError):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_pairs_for_half_width():
+    rng = np.random.default_rng(2)
+    pilot = rng.normal(0, 0.04, 2000)
+    n = pairs_for_half_width(pilot, 0.005)
+    assert 220 <= n <= 270  # (1.96 * 0.04 / 0.005)^2 = 246
+
+
+def _clip(rng, frames=8, side=32):
+    return rng.integers(0, 256, (frames, side, side, 3), dtype=np.uint8)
+
+
+def test_pixel_metrics():
+    rng = np.random.default_rng(3)
+    video = _clip(rng)
+    assert fidelity.ssim(video, video) == pytest.approx(1.0)
+    noisy = np.clip(video.astype(int) + rng.integers(-20, 21, video.shape), 0, 255).astype(
+        np.uint8)
+    assert 15 < fidelity.psnr(noisy, video) < 40
+    assert fidelity.ssim(noisy, video) < 0.99
+
+
+def test_detail_and_motion_metrics():
+    rng = np.random.default_rng(4)
+    truth = np.zeros((8, 32, 32, 3), np.uint8)
+    for f in range(8):  # a textured square moving one pixel a frame
+        truth[f, 8:20, 4 + f:16 + f] = rng.integers(100, 256, (12, 12, 3))
+    blurred = ((truth.astype(float) + np.roll(truth, 1, 1) + np.roll(truth, 1, 2)
+                + np.roll(truth, 1, (1, 2))) / 4).astype(np.uint8)
+    assert fidelity.high_frequency_ratio(blurred, truth) < 0.7
+    assert fidelity.high_frequency_ratio(truth, truth) == pytest.approx(1.0)
+    teleport = truth.copy()
+    teleport[4:] = np.roll(truth[4:], 12, axis=2)  # jumps 12 pixels at frame 4
+    assert fidelity.jump_ratio(teleport, truth) > 1.5
+    frozen = np.repeat(truth[:1], 8, axis=0)
+    assert fidelity.motion_ratio(frozen, truth) == 0.0
+
+
+def test_distances():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(400, 6))
+    b = rng.normal(size=(400, 6)) * 1.3 + 0.4
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(
+        ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
+    assert fidelity.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert fidelity.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    same = fidelity.kernel_distance(a, rng.normal(size=(400, 6)))
+    shifted = fidelity.kernel_distance(a, b)
+    assert abs(same) < 0.05 < shifted
+    space = fidelity.feature_space(np.concatenate([a, a * 2]), dims=4)
+    assert space.project(a).shape == (400, 4)
+
+
+@pytest.mark.integration
+def test_step_curve_runs_reports_and_resumes(tmp_path, one_thread):
+    from chaid_lab.bench.steps import StepCurveConfig, find, read_rows, run, tables
+
+    cfg = StepCurveConfig(model="tiny-test", pairs=4, steps=(2, 4))
+    assert run(cfg, tmp_path, (1, 2)) is None  # the other shard's pairs are missing
+    assert sorted(read_rows(tmp_path)) == [1, 3]
+    report = run(cfg, tmp_path, (0, 2))
+    assert report["pairs"] == 4 and report["pair_kinds"] == {"all": 4, "scene": 2, "object": 2}
+    c = find(report, "chai-4", "plain-4", "judge")
+    assert c["low"] <= c["mean"] <= c["high"] and c["verdict"] in ("win", "loss", "tie")
+    assert find(report, "plain-2", "full-30", "fd")["n"] == 4
+    assert report["summary"]["all"]["plain-4"]["psnr"] > 0
+    assert "| 4 |" in tables(report)
+    # a torn last line (a run killed mid-write) is skipped, and that pair runs again
+    with (tmp_path / "rows-0.jsonl").open("a") as fh:
+        fh.write('{"index": 9, "trunc')
+    assert sorted(read_rows(tmp_path)) == [0, 1, 2, 3]
+    again = run(cfg, tmp_path, (0, 1))  # nothing left to generate: the same report
+    assert json.dumps(again["summary"]) == json.dumps(report["summary"])
