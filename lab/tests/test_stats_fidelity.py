@@ -102,7 +102,7 @@ def test_distances():
 def test_step_curve_runs_reports_and_resumes(tmp_path, one_thread):
     from chaid_lab.bench.steps import StepCurveConfig, find, read_rows, run, tables
 
-    cfg = StepCurveConfig(model="tiny-test", pairs=4, steps=(2, 4))
+    cfg = StepCurveConfig(model="tiny-test", pairs=4, steps=(2, 4), variants=("chai", "chai-t"))
     assert run(cfg, tmp_path, (1, 2)) is None  # the other shard's pairs are missing
     assert sorted(read_rows(tmp_path)) == [1, 3]
     report = run(cfg, tmp_path, (0, 2))
@@ -111,10 +111,23 @@ def test_step_curve_runs_reports_and_resumes(tmp_path, one_thread):
     assert c["low"] <= c["mean"] <= c["high"] and c["verdict"] in ("win", "loss", "tie")
     assert find(report, "plain-2", "full-30", "fd")["n"] == 4
     assert report["summary"]["all"]["plain-4"]["psnr"] > 0
-    assert "| 4 |" in tables(report)
+    assert "| 4 |" in tables(report) and "| 4 (chai-t) |" in tables(report)
+    assert find(report, "chai-t-2", "plain-2", "psnr")["n"] == 4
     # a torn last line (a run killed mid-write) is skipped, and that pair runs again
     with (tmp_path / "rows-0.jsonl").open("a") as fh:
         fh.write('{"index": 9, "trunc')
     assert sorted(read_rows(tmp_path)) == [0, 1, 2, 3]
     again = run(cfg, tmp_path, (0, 1))  # nothing left to generate: the same report
     assert json.dumps(again["summary"]) == json.dumps(report["summary"])
+
+
+def test_t_matched_feeds_the_nearest_noise_level():
+    from chaid.engine.sampler import schedule
+    from chaid_lab.bench.steps import t_matched
+
+    assert t_matched(30, 30, 2.0, (2, 3, 4)) == {2: 2, 3: 3, 4: 4}
+    feed = t_matched(8, 30, 2.0, (2, 3, 4))
+    fast, full = schedule(8, 2.0), schedule(30, 2.0)
+    for k, m in feed.items():
+        assert abs(full[m - 1] - fast[k - 1]) <= min(abs(t - fast[k - 1]) for t in full) + 1e-9
+    assert feed[2] > 2 and feed[2] < feed[3] < feed[4]

@@ -198,6 +198,8 @@ def _register_bench_steps(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="4 pairs, N in 2,8 (CI smoke test)")
     p.add_argument("--steps", default="2,3,4,6,8,12", help="step counts N (comma list)")
     p.add_argument("--shard", default="0/1", help="K/N: run every Nth pair from the Kth")
+    p.add_argument("--variants", default="chai",
+                   help="cache methods beside plain-N: chai, chai-t (comma list)")
     p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
     p.add_argument("--weights", help="DiT weights (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
@@ -224,8 +226,9 @@ def _cmd_bench_steps(args: argparse.Namespace) -> int:
     from chaid_lab.bench.steps import StepCurveConfig, plot, run, tables
 
     torch.set_num_threads(args.threads)
+    variants = tuple(v for v in args.variants.split(",") if v)
     cfg = StepCurveConfig(model=args.model, weights=args.weights, pairs=pairs, steps=steps,
-                          seed=args.seed)
+                          seed=args.seed, variants=variants)
     report = run(cfg, args.out, (k, n))
     if report is None:
         print(f"shard {k}/{n} done; other shards' pairs are still missing")

@@ -7,6 +7,10 @@ second prompt is then generated from one seed by full-30, plain-N and CHAI-N for
 video is scored by the judge and by the fidelity metrics of :mod:`chaid_lab.fidelity`
 against the true render of its scene and the same-seed full-30 video.
 
+Variants of CHAI run beside it with ``--variants``: ``chai-t`` feeds each fast step the
+full run's latent of the nearest noise level t (instead of the same step index: with 8 fast
+steps, fast step 2 sits at t≈0.9 of the schedule, full step 2 at t≈0.97).
+
 The report compares, for every N, CHAI-N with plain-N and each method with full-30: the
 paired mean difference over pairs with its 95% bootstrap interval (:mod:`chaid_lab.stats`),
 for all pairs and per pair kind. Distribution metrics (Fréchet and kernel distances to the
@@ -69,6 +73,9 @@ class StepCurveConfig:
     # MODEL_CFG_SCALE: the preset's own guidance scale.
     cfg_scale: float | str | None = MODEL_CFG_SCALE
     chai: ChaiSettings = field(default_factory=ChaiSettings)
+    # Cache methods beside plain-N: "chai" (the paper's step-index feed) and "chai-t" (the
+    # nearest noise level's latent).
+    variants: tuple[str, ...] = ("chai",)
 
 
 def chai_at(chai: ChaiSettings, steps: int) -> ChaiSettings:
@@ -79,8 +86,20 @@ def chai_at(chai: ChaiSettings, steps: int) -> ChaiSettings:
     return dataclasses.replace(chai, fast_steps=steps, cache_steps=fitting)
 
 
-def method_names(steps: tuple[int, ...]) -> list[str]:
-    return ["full-30", *(f"plain-{n}" for n in steps), *(f"chai-{n}" for n in steps)]
+VARIANTS = ("chai", "chai-t")
+
+
+def method_names(steps: tuple[int, ...], variants: tuple[str, ...] = ("chai",)) -> list[str]:
+    return ["full-30", *(f"{kind}-{n}" for kind in ("plain", *variants) for n in steps)]
+
+
+def t_matched(fast: int, full: int, ratio: float, steps: tuple[int, ...]) -> dict[int, int]:
+    """For each fast step k of ``steps``, the full-run step whose timestep is nearest to
+    fast step k's: the cached latent of the same noise level."""
+    from chaid.engine.sampler import schedule
+
+    t_fast, t_full = schedule(fast, ratio), schedule(full, ratio)
+    return {k: 1 + int(np.argmin([abs(t - t_fast[k - 1]) for t in t_full])) for k in steps}
 
 
 class StepCurve:
@@ -100,6 +119,16 @@ class StepCurve:
         self.base = self.full.resolve(GenerationRequest("a red circle", cfg_scale=cfg.cfg_scale))
         self.pairs = entity_sharing_pairs(cfg.pairs, cfg.seed)
         self.judge = load_judge()
+        unknown = set(cfg.variants) - set(VARIANTS)
+        if unknown:
+            raise ChaidError(f"unknown variants {sorted(unknown)} (known: {', '.join(VARIANTS)})")
+        from chaid.engine.sampler import transform_ratio
+
+        latent = parts.vae.latent_shape(self.base.frames, self.base.height, self.base.width)
+        self.ratio = transform_ratio(self.base.height, self.base.width, latent[1],
+                                     parts.dit.cfg.input_sq_size)
+        self.feeds = {n: t_matched(n, cfg.chai.full_steps, self.ratio, p.chai.cache_steps)
+                      for n, p in self.fast.items()}
 
     def run_pair(self, index: int) -> dict[str, Any]:
         from chaid_lab.fidelity import judge_features, per_video
@@ -109,17 +138,22 @@ class StepCurve:
         cfg, base, pair = self.cfg, self.base, self.pairs[index]
         full_steps = cfg.chai.full_steps
         # 1. the cached prompt's full run fills the entry (every step CHAI may read)
+        capture = set(cfg.chai.cache_steps)
+        if "chai-t" in cfg.variants:
+            capture |= {m for feed in self.feeds.values() for m in feed.values()}
         cached = self.full.generate(dataclasses.replace(
             base, prompt=pair.cached, seed=cfg.seed + 2 * index, steps=full_steps,
-            capture_steps=tuple(cfg.chai.cache_steps)))
+            capture_steps=tuple(sorted(capture))))
         # 2. the prompt, every method from one seed
         request = dataclasses.replace(base, prompt=pair.prompt, seed=cfg.seed + 2 * index + 1)
         results = {"full-30": self.full.generate(dataclasses.replace(request, steps=full_steps))}
         for n, pipeline in self.fast.items():
             results[f"plain-{n}"] = pipeline.generate(dataclasses.replace(request, steps=n))
-            latents = {k: cached.captured[k] for k in pipeline.chai.cache_steps}
-            results[f"chai-{n}"] = pipeline.generate(
-                dataclasses.replace(request, steps=n, cache_latents=latents))
+            feeds = {"chai": {k: k for k in pipeline.chai.cache_steps}, "chai-t": self.feeds[n]}
+            for kind in cfg.variants:
+                latents = {k: cached.captured[m] for k, m in feeds[kind].items()}
+                results[f"{kind}-{n}"] = pipeline.generate(
+                    dataclasses.replace(request, steps=n, cache_latents=latents))
         # 3. scores: the judge, fidelity against truth and against full-30, judge features
         truth = render(pair.scene, base.frames, base.height, base.width)
         full_video = results["full-30"].video
@@ -195,6 +229,7 @@ def run(cfg: StepCurveConfig, out: Path, shard: tuple[int, int] = (0, 1)) -> dic
 def _config_dict(cfg: StepCurveConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     out["steps"] = list(cfg.steps)
+    out["variants"] = list(cfg.variants)
     return out
 
 
@@ -250,7 +285,7 @@ def _fd_difference(boot: dict[str, np.ndarray], a: str, b: str, point: float, n:
 
 
 def report(rows: list[dict], cfg: StepCurveConfig) -> dict[str, Any]:
-    methods = method_names(cfg.steps)
+    methods = method_names(cfg.steps, cfg.variants)
     groups = {g: [r for r in rows if g == "all" or r["shared"] == g] for g in GROUPS}
     summary: dict[str, Any] = {}
     comparisons: list[dict[str, Any]] = []
@@ -280,11 +315,13 @@ def report(rows: list[dict], cfg: StepCurveConfig) -> dict[str, Any]:
                                     **diff.as_dict()})
 
         for n in cfg.steps:
-            compare(f"chai-{n}", f"plain-{n}", list(METRICS))
-            for m in (f"plain-{n}", f"chai-{n}"):
+            pairs_n = [(f"plain-{n}", "full-30")]
+            for kind in cfg.variants:
+                compare(f"{kind}-{n}", f"plain-{n}", list(METRICS))
+                pairs_n += [(f"{kind}-{n}", f"plain-{n}"), (f"{kind}-{n}", "full-30")]
+            for m in (f"plain-{n}", *(f"{kind}-{n}" for kind in cfg.variants)):
                 compare(m, "full-30", [k for k in METRICS if k not in ("psnr", "ssim")])
-            for a, b in ((f"chai-{n}", f"plain-{n}"), (f"plain-{n}", "full-30"),
-                         (f"chai-{n}", "full-30")):
+            for a, b in pairs_n:
                 fd = _fd_difference(dist["fd_boot"], a, b, dist["fd"][a] - dist["fd"][b],
                                     len(grows))
                 comparisons.append({"group": g, "a": a, "b": b, "metric": "fd",
@@ -328,19 +365,22 @@ def tables(report: dict) -> str:
                    "(PSNR) | SSIM plain / CHAI | FD plain / CHAI | CHAI − plain (FD) |"
                    " HF ratio plain / CHAI | jump ratio plain / CHAI |")
         out.append("|---" * 13 + "|")
-        for n in steps:
-            p, c = means[f"plain-{n}"], means[f"chai-{n}"]
-            out.append(
-                f"| {n} | {p['judge']:.4f} | {c['judge']:.4f} | "
-                f"{_cell(find(report, f'chai-{n}', f'plain-{n}', 'judge', g))} | "
-                f"{_cell(find(report, f'plain-{n}', 'full-30', 'judge', g))} | "
-                f"{_cell(find(report, f'chai-{n}', 'full-30', 'judge', g))} | "
-                f"{p['psnr']:.2f} / {c['psnr']:.2f} | "
-                f"{_cell(find(report, f'chai-{n}', f'plain-{n}', 'psnr', g))} | "
-                f"{p['ssim']:.4f} / {c['ssim']:.4f} | {p['fd']:.3f} / {c['fd']:.3f} | "
-                f"{_cell(find(report, f'chai-{n}', f'plain-{n}', 'fd', g))} | "
-                f"{p['hf_ratio']:.3f} / {c['hf_ratio']:.3f} | "
-                f"{p['jump_ratio']:.3f} / {c['jump_ratio']:.3f} |")
+        for kind in report["config"].get("variants", ["chai"]):
+            for n in steps:
+                p, c = means[f"plain-{n}"], means[f"{kind}-{n}"]
+                a = f"{kind}-{n}"
+                label = str(n) if kind == "chai" else f"{n} ({kind})"
+                out.append(
+                    f"| {label} | {p['judge']:.4f} | {c['judge']:.4f} | "
+                    f"{_cell(find(report, a, f'plain-{n}', 'judge', g))} | "
+                    f"{_cell(find(report, f'plain-{n}', 'full-30', 'judge', g))} | "
+                    f"{_cell(find(report, a, 'full-30', 'judge', g))} | "
+                    f"{p['psnr']:.2f} / {c['psnr']:.2f} | "
+                    f"{_cell(find(report, a, f'plain-{n}', 'psnr', g))} | "
+                    f"{p['ssim']:.4f} / {c['ssim']:.4f} | {p['fd']:.3f} / {c['fd']:.3f} | "
+                    f"{_cell(find(report, a, f'plain-{n}', 'fd', g))} | "
+                    f"{p['hf_ratio']:.3f} / {c['hf_ratio']:.3f} | "
+                    f"{p['jump_ratio']:.3f} / {c['jump_ratio']:.3f} |")
         out.append("")
     out.append("Cells: paired mean difference [95% bootstrap interval] over pairs; **win** or "
                "**loss** only when the interval excludes 0 (for FD lower is better).")
