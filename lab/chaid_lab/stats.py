@@ -52,6 +52,17 @@ class PairedDiff:
                 f"{self.verdict}")
 
 
+def format_diff(d: dict | None, digits: int = 3, markdown: bool = False) -> str:
+    """A :meth:`PairedDiff.as_dict` as ``+m [low, high] verdict`` (``-`` for none); in
+    Markdown, a win or a loss is bold and a tie says nothing."""
+    if not d:
+        return "–" if markdown else "-"
+    text = f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+    if markdown:
+        return text + {"win": " **win**", "loss": " **loss**"}.get(d["verdict"], "")
+    return f"{text} {d['verdict']}"
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], *, higher_is_better: bool = True,
                       seed: int = 0, confidence: float = CONFIDENCE,
                       n_resamples: int = N_RESAMPLES) -> PairedDiff:

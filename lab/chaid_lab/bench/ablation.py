@@ -35,7 +35,7 @@ import torch
 from chaid.checks import check_int
 from chaid.config import ChaiSettings
 from chaid.engine.pipeline import GenerationRequest, Pipeline
-from chaid_lab.stats import paired_difference
+from chaid_lab.stats import format_diff, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +177,11 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{r['knob']:<14}{r['value']:<15}{r['steps']:>6}{r['judge']:>8.3f}"
             f"{r['latency_ms_median']:>11.0f}{r['speedup_vs_full']:>8.2f}x"
-            f"{r['bytes_per_entry']:>13}  {_diff(r.get('vs_full_judge')):<28}"
-            f"{_diff(r.get('vs_plain_judge'))}"
+            f"{r['bytes_per_entry']:>13}  {format_diff(r.get('vs_full_judge')):<28}"
+            f"{format_diff(r.get('vs_plain_judge'))}"
         )
     return "\n".join(lines)
 
-
-def _diff(d: dict | None) -> str:
-    if not d:
-        return "-"
-    return f"{d['mean']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}] {d['verdict']}"
 
 
 def command(args) -> int:

@@ -56,6 +56,7 @@ from chaid.store.cache import LatentCache
 from chaid.store.errors import EntryTooLargeError
 from chaid.store.settings import StoreSettings
 from chaid_lab.baselines.nirvana import NirvanaSettings, substituted_request
+from chaid_lab.stats import format_diff
 
 log = logging.getLogger(__name__)
 
@@ -470,15 +471,10 @@ def format_table(report: dict[str, Any]) -> str:
             f"{m['workload']:<9}{m['name']:<14}{m['steps']:>6}"
             f"{m['latency_ms_median']:>11.1f}{m['speedup_vs_full']:>8.2f}x"
             f"{judge:>8}{hits:>7}{m['intra_skipped_mean']:>9.1f}{psnr:>7}"
-            f"  {_diff(m.get('vs_full_judge')):<28}{_diff(m.get('vs_plain_judge'))}"
+            f"  {format_diff(m.get('vs_full_judge')):<28}{format_diff(m.get('vs_plain_judge'))}"
         )
     return "\n".join(lines)
 
-
-def _diff(d: dict[str, Any] | None) -> str:
-    if not d:
-        return "-"
-    return f"{d['mean']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}] {d['verdict']}"
 
 
 def run_quality_bench(cfg: QualityBenchConfig, work_dir: Path | None = None) -> dict[str, Any]:

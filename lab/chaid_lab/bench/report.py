@@ -152,11 +152,9 @@ _PAIRED_NOTE = ("Differences are paired (same prompt, same seed): mean [95% boot
 
 
 def _paired(d: dict | None, digits: int = 3) -> str:
-    if not d:
-        return "–"
-    mark = {"win": " **win**", "loss": " **loss**"}.get(d["verdict"], "")
-    return (f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
-            f"{mark}")
+    from chaid_lab.stats import format_diff
+
+    return format_diff(d, digits, markdown=True)
 
 
 def tables(report: dict) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 
 from chaid.config import MODEL_CFG_SCALE, ChaiSettings
 from chaid.errors import ChaidError
-from chaid_lab.stats import PairedDiff, paired_difference
+from chaid_lab.stats import PairedDiff, format_diff, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -344,10 +344,7 @@ def find(report: dict, a: str, b: str, metric: str, group: str = "all") -> dict 
 
 
 def _cell(c: dict | None) -> str:
-    if c is None:
-        return "-"
-    mark = {"win": " **win**", "loss": " **loss**", "tie": ""}[c["verdict"]]
-    return f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]{mark}"
+    return format_diff(c, 4, markdown=True)
 
 
 def tables(report: dict) -> str:
