@@ -16,16 +16,24 @@ inception distance, x1e3)   motion styles), in the judge's feature        world 
 ``hf_ratio``                lost detail: high-frequency energy of the    the true render
                             frames relative to the true render's (1 is
                             as sharp as the world, below 1 is blur)
-``motion_ratio``,           temporal consistency: mean frame-to-frame    the true render
-``jump_ratio``              change (flicker or a frozen clip) and the
-                            largest single-frame change (a teleport or
-                            a split object), each relative to truth
+``motion_error``            temporal consistency: how far the mean       the true render
+                            frame-to-frame change is from the world's
+                            (flicker above, a frozen clip below)
+``jump_excess``             a jump the world never makes (an object      the true render
+                            teleporting or splitting): the largest
+                            frame-to-frame change above the clip's own
+                            median change, minus the same for truth
 ==========================  ===========================================  ====================
 
+Frame changes are mean absolute luma differences in [0, 1]; they are compared as
+differences, not ratios, because a still object over a still background changes by ~0.
+
 PSNR and SSIM come from torchmetrics. The distances work in a feature space fitted to the
-true renders (:func:`feature_space`): the judge's features standardised by the renders'
-statistics and projected on their leading principal components, so that a few hundred
-videos estimate a full-rank covariance and no feature dominates by its scale alone.
+true renders (:func:`feature_space`): the judge's features projected on the renders'
+leading principal components (over 90% of their variance), so that a few hundred videos
+estimate a full-rank covariance, and divided by one common scale so KID's kernel stays in
+range. A per-feature standardisation would not do: some features barely vary over the
+renders, and dividing by that spread turns noise into distance.
 """
 
 from __future__ import annotations
@@ -93,16 +101,20 @@ def _frame_changes(video: np.ndarray) -> np.ndarray:
     return np.abs(np.diff(luma, axis=0)).mean(axis=(1, 2))
 
 
-def motion_ratio(video: np.ndarray, truth: np.ndarray) -> float:
-    """Mean frame-to-frame change over the true render's: 1 moves like the world, above 1
-    flickers or moves too much, below 1 freezes."""
-    return float(_frame_changes(video).mean() / max(_frame_changes(truth).mean(), 1e-12))
+def motion_error(video: np.ndarray, truth: np.ndarray) -> float:
+    """|mean frame-to-frame change − the true render's|: 0 moves like the world."""
+    return float(abs(_frame_changes(video).mean() - _frame_changes(truth).mean()))
 
 
-def jump_ratio(video: np.ndarray, truth: np.ndarray) -> float:
-    """Largest single frame-to-frame change over the true render's largest: well above 1
-    is a jump the world never makes (an object teleporting or splitting)."""
-    return float(_frame_changes(video).max() / max(_frame_changes(truth).max(), 1e-12))
+def _spike(video: np.ndarray) -> float:
+    changes = _frame_changes(video)
+    return float(changes.max() - np.median(changes))
+
+
+def jump_excess(video: np.ndarray, truth: np.ndarray) -> float:
+    """The clip's largest frame-to-frame change above its median change, minus the true
+    render's: well above 0 is a jump the world does not make."""
+    return _spike(video) - _spike(truth)
 
 
 @torch.no_grad()
@@ -120,27 +132,24 @@ def judge_features(videos: Sequence[np.ndarray], judge=None, batch: int = 32) ->
 
 @dataclass(frozen=True)
 class FeatureSpace:
-    """Standardisation, projection and whitening fitted to the true renders' features."""
+    """The true renders' leading principal components and one common scale."""
 
     mean: np.ndarray
-    scale: np.ndarray
-    components: np.ndarray  # (D, dims)
+    components: np.ndarray  # (D, dims), orthonormal columns
+    scale: float
 
     def project(self, features: np.ndarray) -> np.ndarray:
-        return ((features - self.mean) / self.scale) @ self.components
+        return (features - self.mean) @ self.components / self.scale
 
 
 def feature_space(truth: np.ndarray, dims: int = FEATURE_DIMS) -> FeatureSpace:
-    """The space of :mod:`this module's <chaid_lab.fidelity>` distances, from truth (N, D)."""
+    """The space of this module's distances, fitted to the true renders' features (N, D)."""
     mean = truth.mean(axis=0)
-    scale = np.maximum(truth.std(axis=0), 1e-6)
-    z = (truth - mean) / scale
-    _, sv, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    _, sv, vt = np.linalg.svd(truth - mean, full_matrices=False)
     dims = max(1, min(dims, len(truth) - 1, vt.shape[0]))
-    # Whitened: each component has unit variance over the renders, so the distances weigh
-    # the world's directions of variation alike and KID's kernel stays in range.
-    spread = np.maximum(sv[:dims] / np.sqrt(max(len(truth) - 1, 1)), 1e-6)
-    return FeatureSpace(mean, scale, vt[:dims].T / spread)
+    # One scale for every component: the renders' mean variance per kept component.
+    scale = float(np.sqrt(max((sv[:dims] ** 2).sum() / max(len(truth) - 1, 1) / dims, 1e-12)))
+    return FeatureSpace(mean, vt[:dims].T, scale)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -182,8 +191,8 @@ def per_video(video: np.ndarray, truth: np.ndarray, full: np.ndarray | None) -> 
     full-30 video when given (PSNR is inf for the full-30 video itself)."""
     out = {
         "hf_ratio": high_frequency_ratio(video, truth),
-        "motion_ratio": motion_ratio(video, truth),
-        "jump_ratio": jump_ratio(video, truth),
+        "motion_error": motion_error(video, truth),
+        "jump_excess": jump_excess(video, truth),
     }
     if full is not None:
         out["psnr"] = psnr(video, full)

@@ -77,9 +77,13 @@ def test_detail_and_motion_metrics():
     assert fidelity.high_frequency_ratio(truth, truth) == pytest.approx(1.0)
     teleport = truth.copy()
     teleport[4:] = np.roll(truth[4:], 12, axis=2)  # jumps 12 pixels at frame 4
-    assert fidelity.jump_ratio(teleport, truth) > 1.5
+    assert fidelity.jump_excess(teleport, truth) > 0.05
+    assert fidelity.jump_excess(truth, truth) == 0.0
     frozen = np.repeat(truth[:1], 8, axis=0)
-    assert fidelity.motion_ratio(frozen, truth) == 0.0
+    assert fidelity.motion_error(frozen, truth) > 0.005
+    assert fidelity.motion_error(frozen, truth) == pytest.approx(
+        fidelity.motion_error(truth, frozen))
+    assert fidelity.motion_error(truth, truth) == 0.0
 
 
 def test_distances():
@@ -95,7 +99,10 @@ def test_distances():
     shifted = fidelity.kernel_distance(a, b)
     assert abs(same) < 0.05 < shifted
     space = fidelity.feature_space(np.concatenate([a, a * 2]), dims=4)
-    assert space.project(a).shape == (400, 4)
+    projected = space.project(np.concatenate([a, a * 2]))
+    assert projected.shape == (800, 4)
+    # one common scale: the mean variance per kept component is 1 over the fitted set
+    assert (projected ** 2).sum(axis=1).mean() == pytest.approx(4.0 * 799 / 800, rel=1e-6)
 
 
 @pytest.mark.integration

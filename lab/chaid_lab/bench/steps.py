@@ -48,15 +48,15 @@ STEP_COUNTS = (2, 3, 4, 6, 8, 12)
 DEFAULT_PAIRS = 256
 QUICK_PAIRS = 4
 GROUPS = ("all", "scene", "object")
-# Per-video metrics, and whether a larger value is better. The ratios to the true render
-# compare by their distance from 1 (|log ratio|): both blur and noise move them away.
+# Per-video metrics, and whether a larger value is better. The high-frequency ratio to the
+# true render compares by its distance from 1 (|log ratio|): blur and noise both move it.
 METRICS: dict[str, bool] = {
     "judge": True,
     "psnr": True,
     "ssim": True,
     "hf_error": False,
     "motion_error": False,
-    "jump_error": False,
+    "jump_excess": False,
 }
 # Bootstrap resamples of the distribution metrics (each one a Fréchet distance per method).
 DISTRIBUTION_RESAMPLES = 200
@@ -240,10 +240,6 @@ def _metric(row: dict, method: str, name: str) -> float:
     m = row["methods"][method]
     if name == "hf_error":
         return abs(math.log(max(m["hf_ratio"], 1e-9)))
-    if name == "motion_error":
-        return abs(math.log(max(m["motion_ratio"], 1e-9)))
-    if name == "jump_error":
-        return abs(math.log(max(m["jump_ratio"], 1e-9)))
     return float(m.get(name, math.nan))
 
 
@@ -297,9 +293,8 @@ def report(rows: list[dict], cfg: StepCurveConfig) -> dict[str, Any]:
         for m in methods:
             means[m]["ms_median"] = round(float(np.median([r["methods"][m]["ms"]
                                                            for r in grows])), 1)
-            for ratio in ("hf_ratio", "motion_ratio", "jump_ratio"):
-                means[m][ratio] = round(float(np.mean([r["methods"][m][ratio]
-                                                        for r in grows])), 4)
+            means[m]["hf_ratio"] = round(float(np.mean([r["methods"][m]["hf_ratio"]
+                                                         for r in grows])), 4)
         dist = _distribution(grows, methods, cfg.seed)
         for m in methods:
             means[m]["fd"] = dist["fd"][m]
@@ -356,11 +351,11 @@ def tables(report: dict) -> str:
         full = means["full-30"]
         out.append(f"### {g} pairs ({report['pair_kinds'][g]}); full-30: judge "
                    f"{full['judge']:.4f}, FD {full['fd']:.3f}, KIDx1e3 {full['kid_x1e3']:.3f},"
-                   f" HF ratio {full['hf_ratio']:.3f}, jump ratio {full['jump_ratio']:.3f}\n")
+                   f" HF ratio {full['hf_ratio']:.3f}, jump excess {full['jump_excess']:+.4f}\n")
         out.append("| N | judge plain | judge CHAI | CHAI − plain (judge) | plain − full-30 "
                    "(judge) | CHAI − full-30 (judge) | PSNR plain / CHAI (dB) | CHAI − plain "
                    "(PSNR) | SSIM plain / CHAI | FD plain / CHAI | CHAI − plain (FD) |"
-                   " HF ratio plain / CHAI | jump ratio plain / CHAI |")
+                   " HF ratio plain / CHAI | jump excess plain / CHAI |")
         out.append("|---" * 13 + "|")
         for kind in report["config"].get("variants", ["chai"]):
             for n in steps:
@@ -377,7 +372,7 @@ def tables(report: dict) -> str:
                     f"{p['ssim']:.4f} / {c['ssim']:.4f} | {p['fd']:.3f} / {c['fd']:.3f} | "
                     f"{_cell(find(report, a, f'plain-{n}', 'fd', g))} | "
                     f"{p['hf_ratio']:.3f} / {c['hf_ratio']:.3f} | "
-                    f"{p['jump_ratio']:.3f} / {c['jump_ratio']:.3f} |")
+                    f"{p['jump_excess']:+.4f} / {c['jump_excess']:+.4f} |")
         out.append("")
     out.append("Cells: paired mean difference [95% bootstrap interval] over pairs; **win** or "
                "**loss** only when the interval excludes 0 (for FD lower is better).")
