@@ -73,6 +73,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _steps(cfg: ReportConfig) -> dict:
+    """The step curve (chaid_lab.bench.steps); its rows go to a cache directory, so a stopped
+    report resumes where it stopped."""
+    from chaid_lab.bench.steps import (
+        DEFAULT_PAIRS,
+        QUICK_PAIRS,
+        STEP_COUNTS,
+        StepCurveConfig,
+        run,
+    )
+
+    pairs = QUICK_PAIRS if cfg.quick else DEFAULT_PAIRS
+    scfg = StepCurveConfig(model=cfg.model, pairs=pairs, seed=cfg.seed,
+                           steps=(2, 8) if cfg.quick else STEP_COUNTS)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
+    report = run(scfg, cache / f"report-steps-{cfg.model}-{pairs}-{cfg.seed}")
+    assert report is not None  # one shard: every pair is done when run returns
+    return report
+
+
 def _quality(cfg: ReportConfig) -> dict:
     from chaid_lab.bench.quality import QualityBenchConfig, run_quality_bench
 
@@ -117,8 +137,8 @@ def _daemon(cfg: ReportConfig) -> dict:
     return run_daemon_bench(cfg.model, levels, warm_n, serve_n, cfg.seed)
 
 
-PARTS = {"quality": _quality, "ablation": _ablation, "hit_rates": _hit_rates,
-         "daemon": _daemon}
+PARTS = {"steps": _steps, "quality": _quality, "ablation": _ablation,
+         "hit_rates": _hit_rates, "daemon": _daemon}
 
 
 def run_report(cfg: ReportConfig, out: Path, parts: tuple[str, ...] = tuple(PARTS)) -> dict:
@@ -134,6 +154,10 @@ def run_report(cfg: ReportConfig, out: Path, parts: tuple[str, ...] = tuple(PART
         # written after every part, so a long run that stops keeps what it measured
         (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "tables.md").write_text(tables(report))
+    if "steps" in report:
+        from chaid_lab.bench.steps import plot
+
+        plot(report["steps"], out / "step-curve.png")
     if "quality" in report:
         plot_quality_vs_latency(report["quality"], out / "quality-vs-latency.png")
     if "hit_rates" in report:
@@ -160,6 +184,11 @@ def _paired(d: dict | None, digits: int = 3) -> str:
 def tables(report: dict) -> str:
     """The Markdown tables of docs/results.md."""
     lines: list[str] = []
+    if "steps" in report:
+        from chaid_lab.bench import steps
+
+        lines += [f"### The step curve ({report['steps']['pairs']} entity-sharing pairs)", "",
+                  steps.tables(report["steps"]).replace("### ", "#### "), ""]
     if "quality" in report:
         lines += ["### Methods", "",
                   "| workload | method | steps | median ms | speedup vs full-30 | judge |"

@@ -1,6 +1,7 @@
 """`chaid-lab bench report`: the parts it runs land in results.json, tables.md and the plots."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,12 +33,18 @@ def test_quick_report_writes_json_tables_and_plot(tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, "-m", "chaid_lab", "bench", "report", "--quick", "--model", "tiny-test",
-         "--parts", "ablation,hit_rates", "--out", str(out)],
+         "--parts", "steps,ablation,hit_rates", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
     )
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "results.json").read_text())
-    assert set(report["seconds"]) == {"ablation", "hit_rates"}
+    assert set(report["seconds"]) == {"steps", "ablation", "hit_rates"}
+    assert report["steps"]["pairs"] == 4 and "features" not in json.dumps(report["steps"])
+    assert (out / "step-curve.png").stat().st_size > 1000
+    assert "### The step curve" in (out / "tables.md").read_text()
+    # the step curve's rows stay in the cache directory: a stopped report resumes there
+    assert list((tmp_path / "cache" / "chaid").glob("report-steps-*/rows-0.jsonl"))
     assert report["machine"]["cpu_count"] >= 1
     rates = [r["hit_rate"] for r in report["hit_rates"]["results"] if r["matching"] == "entity"]
     assert rates == sorted(rates)  # a larger LRU cache never hits less on the same stream
