@@ -199,7 +199,8 @@ def _register_bench_steps(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", default="2,3,4,6,8,12", help="step counts N (comma list)")
     p.add_argument("--shard", default="0/1", help="K/N: run every Nth pair from the Kth")
     p.add_argument("--variants", default="chai",
-                   help="cache methods beside plain-N: chai, chai-t (comma list)")
+                   help="cache methods beside plain-N: chai, chai-t, chai-cond, chai-kv, "
+                   "chai-t-kv (comma list)")
     p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
     p.add_argument("--weights", help="DiT weights (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)

@@ -7,9 +7,11 @@ second prompt is then generated from one seed by full-30, plain-N and CHAI-N for
 video is scored by the judge and by the fidelity metrics of :mod:`chaid_lab.fidelity`
 against the true render of its scene and the same-seed full-30 video.
 
-Variants of CHAI run beside it with ``--variants``: ``chai-t`` feeds each fast step the
-full run's latent of the nearest noise level t (instead of the same step index: with 8 fast
-steps, fast step 2 sits at t≈0.9 of the schedule, full step 2 at t≈0.97).
+Variants of CHAI run beside it with ``--variants`` (:data:`VARIANTS`): ``chai-t`` feeds
+each fast step the full run's latent of the nearest noise level t (instead of the same step
+index: with 8 fast steps, fast step 2 sits at t≈0.95 of the schedule, full step 2 at
+t≈0.99); ``chai-cond`` attends to the cache in the conditional branch only; ``chai-kv``
+takes keys and values from the cached and the current tokens; ``chai-t-kv`` both feeds.
 
 The report compares, for every N, CHAI-N with plain-N and each method with full-30: the
 paired mean difference over pairs with its 95% bootstrap interval (:mod:`chaid_lab.stats`),
@@ -86,7 +88,15 @@ def chai_at(chai: ChaiSettings, steps: int) -> ChaiSettings:
     return dataclasses.replace(chai, fast_steps=steps, cache_steps=fitting)
 
 
-VARIANTS = ("chai", "chai-t")
+# Variant name → (which cached step feeds fast step k: "index" k itself, "t" the nearest
+# noise level; the CHAI settings it changes).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chai": ("index", {}),
+    "chai-t": ("t", {}),
+    "chai-cond": ("index", {"branches": "cond"}),
+    "chai-kv": ("index", {"kv_source": "cache+current"}),
+    "chai-t-kv": ("t", {"kv_source": "cache+current"}),
+}
 
 
 def method_names(steps: tuple[int, ...], variants: tuple[str, ...] = ("chai",)) -> list[str]:
@@ -122,6 +132,11 @@ class StepCurve:
         unknown = set(cfg.variants) - set(VARIANTS)
         if unknown:
             raise ChaidError(f"unknown variants {sorted(unknown)} (known: {', '.join(VARIANTS)})")
+        # One pipeline per step count and variant: they share the model parts.
+        self.variant_pipes = {
+            (n, kind): Pipeline(parts, device, chai_at(
+                dataclasses.replace(cfg.chai, **VARIANTS[kind][1]), n))
+            for n in cfg.steps for kind in cfg.variants}
         from chaid.engine.sampler import transform_ratio
 
         latent = parts.vae.latent_shape(self.base.frames, self.base.height, self.base.width)
@@ -139,7 +154,7 @@ class StepCurve:
         full_steps = cfg.chai.full_steps
         # 1. the cached prompt's full run fills the entry (every step CHAI may read)
         capture = set(cfg.chai.cache_steps)
-        if "chai-t" in cfg.variants:
+        if any(VARIANTS[kind][0] == "t" for kind in cfg.variants):
             capture |= {m for feed in self.feeds.values() for m in feed.values()}
         cached = self.full.generate(dataclasses.replace(
             base, prompt=pair.cached, seed=cfg.seed + 2 * index, steps=full_steps,
@@ -149,10 +164,10 @@ class StepCurve:
         results = {"full-30": self.full.generate(dataclasses.replace(request, steps=full_steps))}
         for n, pipeline in self.fast.items():
             results[f"plain-{n}"] = pipeline.generate(dataclasses.replace(request, steps=n))
-            feeds = {"chai": {k: k for k in pipeline.chai.cache_steps}, "chai-t": self.feeds[n]}
+            feeds = {"index": {k: k for k in pipeline.chai.cache_steps}, "t": self.feeds[n]}
             for kind in cfg.variants:
-                latents = {k: cached.captured[m] for k, m in feeds[kind].items()}
-                results[f"{kind}-{n}"] = pipeline.generate(
+                latents = {k: cached.captured[m] for k, m in feeds[VARIANTS[kind][0]].items()}
+                results[f"{kind}-{n}"] = self.variant_pipes[n, kind].generate(
                     dataclasses.replace(request, steps=n, cache_latents=latents))
         # 3. scores: the judge, fidelity against truth and against full-30, judge features
         truth = render(pair.scene, base.frames, base.height, base.width)
