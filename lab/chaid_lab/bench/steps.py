@@ -343,7 +343,36 @@ def report(rows: list[dict], cfg: StepCurveConfig) -> dict[str, Any]:
         "methods": methods,
         "summary": summary,
         "comparisons": comparisons,
+        "jumps": jumps_by_motion(rows, methods),
     }
+
+
+# A jump excess above this (a mean luma change of 2% of the range in one frame, beyond the
+# clip's own median change) is a visible jump: no true render of the world reaches it.
+VISIBLE_JUMP = 0.02
+
+
+def jumps_by_motion(rows: list[dict], methods: list[str]) -> dict[str, Any]:
+    """Jump excess of prompts with a bouncing object against the others, per method: the
+    world's bounce is continuous, so a jump at the bounce is the model's."""
+    from chaid_lab.shapes.prompts import parse
+
+    def bouncing(prompt: str) -> bool:
+        parsed = parse(prompt)
+        return parsed is not None and any(o.motion == "bouncing" for o in parsed.objects)
+
+    kinds = {"bouncing": [r for r in rows if bouncing(r["prompt"])]}
+    kinds["other"] = [r for r in rows if r not in kinds["bouncing"]]
+    out: dict[str, Any] = {"visible_jump": VISIBLE_JUMP}
+    for kind, krows in kinds.items():
+        if not krows:
+            continue
+        out[kind] = {"prompts": len(krows)}
+        for m in methods:
+            v = np.asarray([r["methods"][m]["jump_excess"] for r in krows])
+            out[kind][m] = {"mean": round(float(v.mean()), 4),
+                            "visible": round(float((v > VISIBLE_JUMP).mean()), 3)}
+    return out
 
 
 def find(report: dict, a: str, b: str, metric: str, group: str = "all") -> dict | None:
@@ -391,6 +420,15 @@ def tables(report: dict) -> str:
         out.append("")
     out.append("Cells: paired mean difference [95% bootstrap interval] over pairs; **win** or "
                "**loss** only when the interval excludes 0 (for FD lower is better).")
+    jumps = report.get("jumps")
+    if jumps:
+        out += ["", f"Visible jumps (jump excess > {jumps['visible_jump']}), share of videos:", "",
+                "| prompts | " + " | ".join(report["methods"]) + " |",
+                "|---" * (len(report["methods"]) + 1) + "|"]
+        for kind in ("bouncing", "other"):
+            if kind in jumps:
+                cells = " | ".join(f"{jumps[kind][m]['visible']:.2f}" for m in report["methods"])
+                out.append(f"| {kind} ({jumps[kind]['prompts']}) | {cells} |")
     return "\n".join(out)
 
 
