@@ -93,7 +93,8 @@ def register_bench_report(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("results"), help="output directory")
     p.add_argument("--quick", action="store_true", help="a few prompts per part (minutes)")
     p.add_argument("--parts", default="", help="comma list of steps,quality,ablation,"
-                   "hit_rates,daemon (default: all)")
+                   "hit_rates,daemon (default: all); the other parts of an existing "
+                   "results.json of the same settings are kept")
     p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)

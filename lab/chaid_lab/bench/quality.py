@@ -411,7 +411,9 @@ def summarise(
         return [np.nan if s is None else s for _, s in runs[name]]
 
     def psnr_of(name: str) -> list[float]:
-        return [psnr(r.result.video, f.result.video)
+        # A cache method's miss runs the full schedule from the same seed: its video is
+        # full-30's (PSNR infinite), so only its hits are compared (NaN marks the rest).
+        return [np.nan if r.hit is False else psnr(r.result.video, f.result.video)
                 for (r, _), (f, _) in zip(runs[name], runs["full-30"], strict=True)]
 
     plain_psnr = psnr_of(plain_name) if plain_name in runs else None
@@ -444,7 +446,8 @@ def summarise(
         row = rows[-1]
         if name != "full-30":
             own_psnr = psnr_of(name)
-            row["psnr_vs_full"] = round(float(np.mean(own_psnr)), 3)
+            hits_psnr = [v for v in own_psnr if not np.isnan(v)]
+            row["psnr_vs_full"] = round(float(np.mean(hits_psnr)), 3) if hits_psnr else None
             if scores:
                 row["vs_full_judge"] = paired_difference(
                     judge_of(name), judge_of("full-30"), seed=cfg.seed).as_dict()

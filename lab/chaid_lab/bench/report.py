@@ -146,6 +146,13 @@ def run_report(cfg: ReportConfig, out: Path, parts: tuple[str, ...] = tuple(PART
     torch.set_num_threads(cfg.threads)
     report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "machine": machine(),
                               "seconds": {}}
+    previous = out / "results.json"
+    if set(parts) != set(PARTS) and previous.is_file():
+        # A run of some parts updates those and keeps the others' measurements.
+        kept = json.loads(previous.read_text())
+        if kept.get("config") == report["config"]:
+            report["seconds"] = kept.get("seconds", {})
+            report.update({k: v for k, v in kept.items() if k in PARTS and k not in parts})
     for name in parts:
         print(f"== {name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

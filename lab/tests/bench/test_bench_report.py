@@ -50,6 +50,16 @@ def test_quick_report_writes_json_tables_and_plot(tmp_path):
     assert rates == sorted(rates)  # a larger LRU cache never hits less on the same stream
     assert (out / "hit-rate-vs-cache-size.png").stat().st_size > 1000
     assert "### Ablation" in (out / "tables.md").read_text()
+    # a run of one part keeps the other parts' measurements
+    again = subprocess.run(
+        [sys.executable, "-m", "chaid_lab", "bench", "report", "--quick", "--model", "tiny-test",
+         "--parts", "hit_rates", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0, again.stderr
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["ablation"] == report["ablation"] and "steps" in merged
+    assert "### Ablation" in (out / "tables.md").read_text()
     bad = subprocess.run(
         [sys.executable, "-m", "chaid_lab", "bench", "report", "--parts", "nope"],
         capture_output=True, text=True, timeout=60,
