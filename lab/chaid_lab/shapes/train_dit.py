@@ -34,7 +34,7 @@ import torch
 from chaid.checks import check_int, check_number
 from chaid.engine.sampler import NUM_TIMESTEPS, timestep_transform, transform_ratio
 from chaid.errors import ChaidError
-from chaid.models import ModelParts, build_parts
+from chaid.models import SHAPES_DIT_WEIGHTS, ModelParts, build_parts
 from chaid.models.text import TextEmbedding
 from chaid.models.weights import load_weights, save_weights
 from chaid_lab.shapes.heldout import TRAINING_DISTRIBUTION
@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "dit.safetensors"
-# Where `chaid-lab shapes train dit` writes by default: the weights the tiny-shapes preset ships.
-SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+# Where `chaid-lab shapes train dit` writes by default: the weights the tiny-shapes preset ships
+# (in the model registry's data folder).
+SHIPPED_DIR = SHAPES_DIT_WEIGHTS.parent
 
 
 # Learning-rate schedules after warm-up (see DitTrainConfig.lr_schedule).

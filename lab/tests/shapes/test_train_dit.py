@@ -122,3 +122,11 @@ def test_learning_rate_schedules():
     assert all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))
     with pytest.raises(ValueError, match="unknown lr_schedule"):
         learning_rate(DitTrainConfig(lr_schedule="linear", warmup_steps=0), 5)
+
+
+def test_the_default_output_is_the_shipped_preset_weights():
+    """`chaid-lab shapes train dit` without --out replaces what tiny-shapes loads."""
+    from chaid.models import get_spec
+    from chaid_lab.shapes.train_dit import SHIPPED_DIR, WEIGHTS
+
+    assert SHIPPED_DIR / WEIGHTS == get_spec("tiny-shapes").dit_weights
