@@ -1,9 +1,10 @@
 """``chaid-lab shapes``: train the Shapes networks and judge videos against prompts.
 
-``chaid-lab shapes train vae|judge|dit`` trains one network from scratch (seeded) and writes its
-weights, by default over the shipped ones in ``lab/chaid_lab/shapes/weights/``; ``chaid-lab shapes
-judge VIDEO PROMPT`` scores a video file. Torch and the models are imported inside the
-commands so ``chaid --help`` stays fast.
+``chaid-lab shapes train vae|judge|dit`` trains one network from scratch (seeded) and writes
+its weights, by default over the shipped ones: the VAE and DiT in the model registry's
+``chaid/models/data/tiny-shapes/``, the judge in ``lab/chaid_lab/shapes/weights/``.
+``chaid-lab shapes judge VIDEO PROMPT`` scores a video file. Torch and the models are
+imported inside the commands so ``chaid-lab --help`` stays fast.
 """
 
 from __future__ import annotations
