@@ -14,7 +14,6 @@ with Cache Attention on the entry's latents, a miss runs full and its latents z_
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -29,7 +28,7 @@ from chaid.config import MODEL_CFG_SCALE, Settings
 from chaid.engine.pipeline import GenerationRequest, GenerationResult, Pipeline
 from chaid.models import ModelParts
 from chaid.models.weights import resolve_weights_file
-from chaid.modes import CacheMode, Outcome, RunKind, decide, steps_for
+from chaid.modes import CacheMode, Outcome, decide
 from chaid.store.analysis import Analyzer
 from chaid.store.cache import InsertResult, LatentCache
 from chaid.store.errors import EntryNotFoundError
@@ -175,7 +174,6 @@ class ChaiEngine:
         the run and propagates; nothing is written to the cache then. Writing a miss's
         latents is left to :meth:`insert` so the device is free meanwhile.
         """
-        chai = self.pipeline.chai
         timings: dict[str, float] = {}
         outcome = decide(mode, lookup is not None and lookup.hit)
         cached = None
@@ -190,15 +188,7 @@ class ChaiEngine:
                          lookup.entry_id)
                 outcome = Outcome.MISS
             timings["read_ms"] = (time.perf_counter() - t0) * 1e3
-        steps = steps_for(outcome.run, chai, request.steps)
-        if outcome.run is RunKind.FAST:
-            req = dataclasses.replace(request, steps=steps, cache_latents=cached,
-                                      capture_steps=())
-        elif outcome.run is RunKind.FULL:
-            req = dataclasses.replace(request, steps=steps, cache_latents=None,
-                                      capture_steps=tuple(chai.cache_steps))
-        else:
-            req = request
+        req = self.pipeline.for_run(request, outcome.run, cached)
         result = self.pipeline.generate(req, on_step)
         return ChaiOutcome(result, outcome, req, lookup, timings_ms=timings)
 

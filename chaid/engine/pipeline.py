@@ -195,19 +195,28 @@ class Pipeline:
             start_step=start,
         )
 
+    def for_run(self, request: GenerationRequest, run: RunKind,
+                cached: Mapping[int, torch.Tensor] | None = None) -> GenerationRequest:
+        """``request`` set up for a kind of run (:mod:`chaid.modes`): FAST runs the fast
+        steps with Cache Attention on ``cached``; FULL runs the full steps and captures the
+        latents a later hit reuses; PLAIN runs the request's own steps, nothing cached."""
+        steps = steps_for(run, self.chai, request.steps)
+        if run is RunKind.FAST:
+            return dataclasses.replace(request, steps=steps, cache_latents=cached,
+                                       capture_steps=())
+        if run is RunKind.FULL:
+            return dataclasses.replace(request, steps=steps, cache_latents=None,
+                                       capture_steps=tuple(self.chai.cache_steps))
+        return request
+
     def full(self, prompt: str, **fields) -> GenerationResult:
         """A cache miss: full_steps steps, capturing the latents a later hit reuses."""
-        req = GenerationRequest(
-            prompt, steps=steps_for(RunKind.FULL, self.chai, 0),
-            capture_steps=self.chai.cache_steps, **fields
-        )
-        return self.generate(req)
+        return self.generate(self.for_run(GenerationRequest(prompt, **fields), RunKind.FULL))
 
     def fast(self, prompt: str, cached: Mapping[int, torch.Tensor], **fields) -> GenerationResult:
         """A cache hit: fast_steps steps with Cache Attention on the cached latents."""
-        req = GenerationRequest(prompt, steps=steps_for(RunKind.FAST, self.chai, 0),
-                                cache_latents=cached, **fields)
-        return self.generate(req)
+        return self.generate(self.for_run(GenerationRequest(prompt, **fields), RunKind.FAST,
+                                          cached))
 
     def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
         """z_1 for a resolved request: drawn on the CPU from the seed, so every device

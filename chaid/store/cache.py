@@ -217,7 +217,7 @@ class LatentCache:
             self.policy.admit(self._stats_of(record))
             self.index.add(record.item_ids, record.entry_id, vecs)
             self.matchers.add_prompt_vector(record.entry_id, pvec)
-        self.maintenance.after_insert()
+        self.maintenance.rebuild_if_due()
         return InsertResult(record.entry_id, size, removed)
 
     def evict(self, entry_ids: Sequence[int]) -> list[int]:

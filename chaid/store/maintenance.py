@@ -76,7 +76,7 @@ class IndexMaintenance:
                 if item_id not in built:
                     missing.append((item_id, *dbm.parse_vector(value)))
         self.index.reconcile(live, missing)
-        self.after_insert()
+        self.rebuild_if_due()
 
     def rebuild(self) -> None:
         """Rebuild the Annoy index from LMDB now, in this thread."""
@@ -89,7 +89,7 @@ class IndexMaintenance:
                 ]
             self.index.build(rows, next_item)
 
-    def after_insert(self) -> None:
+    def rebuild_if_due(self) -> None:
         """Rebuild once the delta holds ``rebuild_every`` vectors: in the background unless
         one is running already (or inline when background rebuilds are off)."""
         if self.index.delta_size < self.rebuild_every:
