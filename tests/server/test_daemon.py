@@ -11,10 +11,12 @@ import threading
 import time
 
 import msgpack
+import numpy as np
 import pytest
 from daemonkit import LONG, Reader, call, raw_connect, send
 
 from chai_client import AsyncClient, BusyError, Client, InvalidParams, RpcError
+from chaid import protocol
 
 pytestmark = pytest.mark.integration
 
@@ -228,12 +230,19 @@ def _error_of(sock, payload: bytes):
     (b"\x91" * 5000 + b"\x00", "malformed"),  # nesting 5000 deep
     (msgpack.packb([1, 2, None, None]), "malformed"),  # a response, not a request
     (msgpack.packb("hello"), "malformed"),
+    # An array (the ext type) where the frame kind goes.
+    (protocol.packb([np.zeros(2, np.int8), 1, "ping", {}]), "malformed"),
+    (protocol.packb([np.zeros((), np.int64), 1, "ping", {}]), "malformed"),
 ])
 def test_bad_frames_get_an_error(shared_daemon, payload, code):
+    """A nil-id answer, then the connection closes (docs/protocol.md)."""
     with raw_connect(shared_daemon.socket) as s:
-        frame = _error_of(s, payload)
+        reader = Reader(s)
+        s.sendall(payload)
+        frame = reader.next()
         assert frame[0] == 1 and frame[1] is None and frame[2]["code"] == code, frame
         assert frame[2]["message"]
+        assert reader.next() is None
 
 
 def test_oversized_frame_closes_connection(shared_daemon):
@@ -284,6 +293,9 @@ def test_bad_requests_get_a_clear_error(shared_daemon, method, params, code):
 
 
 def test_daemon_and_cache_survive_hostile_input(shared_daemon):
+    if entries(shared_daemon) == 0:  # run alone: commit one entry to keep
+        with Client(shared_daemon.socket) as c:
+            c.generate(RED)
     count = entries(shared_daemon)
     assert count >= 1
     rng = __import__("random").Random(0)
@@ -303,7 +315,7 @@ def test_daemon_and_cache_survive_hostile_input(shared_daemon):
 # -- access control -------------------------------------------------------------------------
 
 
-def _as_user(uid: int, socket_path, method: str, params: dict, times: int = 1):
+def _as_user(uid: int, socket_path, method: str | None, params: dict, times: int = 1):
     """Call a method from a child process running as ``uid``; returns the error or result
     (a list of them when ``times`` > 1: the requests are pipelined on one connection)."""
     r, w = os.pipe()
@@ -315,7 +327,10 @@ def _as_user(uid: int, socket_path, method: str, params: dict, times: int = 1):
             os.setgid(uid)
             os.setuid(uid)
             with raw_connect(socket_path, timeout=10) as s:
-                if times == 1:
+                if method is None:  # send nothing: what does the daemon say unasked?
+                    frame = Reader(s).next()
+                    out = msgpack.packb([frame[1], frame[2]["code"], Reader(s).next()])
+                elif times == 1:
                     frame = call(s, method, params)
                     out = msgpack.packb(frame[2] or {"result": frame[3]})
                 else:
@@ -344,6 +359,8 @@ def test_peer_credentials(shared_daemon):
     assert allowed.get("result", {}).get("pong"), allowed
     denied = _as_user(daemon_uid, shared_daemon.socket, "ping", {})
     assert denied["code"] == "forbidden", denied
+    # Refused at accept: a silent connection of a refused uid holds no slot.
+    assert _as_user(daemon_uid, shared_daemon.socket, None, {}) == [None, "forbidden", None]
     not_admin = _as_user(nobody, shared_daemon.socket, "cache.clear", {})
     assert not_admin["code"] == "forbidden", not_admin
     time.sleep(5)  # refill nobody's bucket (1 request/s, bursts of 5)

@@ -205,13 +205,16 @@ def _register_bench_steps(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
     p.add_argument("--weights", help="DiT weights (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance scale of every run (default: the model's)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=_cmd_bench_steps)
 
 
 def _cmd_bench_steps(args: argparse.Namespace) -> int:
-    from chaid.checks import check_int
+    from chaid.checks import check_int, check_number
     from chaid.errors import ChaidError
+    from chaid.limits import MAX_CFG_SCALE
 
     steps = tuple(int_list("--steps", "2,8" if args.quick else args.steps, 1, 200))
     pairs = check_int("--pairs", args.pairs if args.pairs is not None else
@@ -225,12 +228,16 @@ def _cmd_bench_steps(args: argparse.Namespace) -> int:
     check_int("--threads", args.threads, 1, 256, ChaidError)
     import torch
 
-    from chaid_lab.bench.steps import StepCurveConfig, plot, run, tables
+    from chaid_lab.bench.steps import MODEL_CFG_SCALE, StepCurveConfig, plot, run, tables
 
     torch.set_num_threads(args.threads)
     variants = tuple(v for v in args.variants.split(",") if v)
+    if args.cfg_scale is not None:
+        check_number("--cfg-scale", args.cfg_scale, 0.0, MAX_CFG_SCALE, error=ChaidError)
     cfg = StepCurveConfig(model=args.model, weights=args.weights, pairs=pairs, steps=steps,
-                          seed=args.seed, variants=variants)
+                          seed=args.seed, variants=variants,
+                          cfg_scale=MODEL_CFG_SCALE if args.cfg_scale is None
+                          else args.cfg_scale)
     report = run(cfg, args.out, (k, n))
     if report is None:
         print(f"shard {k}/{n} done; other shards' pairs are still missing")
