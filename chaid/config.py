@@ -110,6 +110,13 @@ class ServerSettings:
     max_frames: int = DEFAULT_LIMITS.max_frames
     max_side: int = DEFAULT_LIMITS.max_side
     max_steps: int = DEFAULT_LIMITS.max_steps
+    # Admission by cost (chaid.engine.cost): a request whose estimated device time (steps
+    # and decode, timed on this device at start-up) exceeds max_request_s, or whose
+    # estimated activation memory exceeds max_request_memory_mb, is refused ("too_large")
+    # before it runs. 0 MB: 90% of a GPU's free memory after loading, half of a CPU
+    # machine's available memory.
+    max_request_s: float = 300.0
+    max_request_memory_mb: int = 0
     # Generations waiting for the device; one more is answered "busy" at once, so a client
     # learns to back off instead of queueing behind minutes of work.
     queue_size: int = 16
@@ -223,8 +230,10 @@ class Settings:
         for name, ceiling in (("max_prompt_chars", MAX_PROMPT_CHARS), ("max_frames", MAX_FRAMES),
                               ("max_side", MAX_SIDE), ("max_steps", MAX_STEPS)):
             check_int(f"server.{name}", getattr(srv, name), 1, ceiling, ConfigError)
+        check_int("server.max_request_memory_mb", srv.max_request_memory_mb, 0, 1 << 30,
+                  ConfigError)
         for name in ("read_timeout_s", "write_timeout_s", "idle_timeout_s",
-                     "request_timeout_s"):
+                     "request_timeout_s", "max_request_s"):
             if not getattr(srv, name) > 0:
                 raise ConfigError(f"server.{name} must be positive, not {getattr(srv, name)}")
         if srv.grace_period_s < 0:

@@ -8,15 +8,16 @@ then the cache write. The lookup happens when the job reaches the device, not wh
 queued, so a queued prompt can hit the entry that the miss before it just wrote.
 
 Cancellation: :meth:`Job.cancel` finishes a queued job at once; a running job's cancel
-scope is cancelled and the step hook, which polls ``trio.from_thread.check_cancelled()``
-before every denoising step, raises there, so the job stops within one step. A cache write
+scope is cancelled, and ``trio.from_thread.check_cancelled()`` raises at the next check:
+the step hook before every denoising step and the models' interruption points
+(:mod:`chaid.interrupt`) between DiT blocks and VAE decode stages, so the job stops within
+one block. A cache write
 that has begun is shielded: it commits whole or not at all.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from typing import Any
 
 import trio
 
+from chaid import interrupt
 from chaid.engine.chai import ChaiEngine, ChaiOutcome
 from chaid.engine.pipeline import GenerationRequest
 from chaid.errors import InputError
@@ -184,8 +186,11 @@ class DeviceWorker:
             trio.from_thread.check_cancelled()
             trio.from_thread.run_sync(job._report, step, steps, t)
 
-        return await trio.to_thread.run_sync(
-            functools.partial(self.engine.generate, job.request, job.mode, lookup, on_step),
-            limiter=self.device_limiter,
-        )
+        def generate() -> ChaiOutcome:
+            # Runs in the worker thread: the models' interruption points poll the job's
+            # cancel scope too, so a long step stops within one block.
+            with interrupt.checking(trio.from_thread.check_cancelled):
+                return self.engine.generate(job.request, job.mode, lookup, on_step)
+
+        return await trio.to_thread.run_sync(generate, limiter=self.device_limiter)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chaid import interrupt
 from chaid.errors import InputError, WeightsError
 from chaid.models.weights import load_weights
 
@@ -336,10 +337,10 @@ class SpatialVAE(nn.Module):
         """(B, 4, F, h, w) → (B, 3, F, 8h, 8w)."""
         b = z.shape[0]
         latents = z.transpose(1, 2).flatten(0, 1)  # (B*F, 4, h, w)
-        out = [
-            self.module.decode(chunk / self.cfg.scaling_factor).sample
-            for chunk in latents.split(self.micro_batch_size)
-        ]
+        out = []
+        for chunk in latents.split(self.micro_batch_size):
+            interrupt.point()
+            out.append(self.module.decode(chunk / self.cfg.scaling_factor).sample)
         return torch.cat(out).unflatten(0, (b, -1)).transpose(1, 2)
 
 
@@ -420,6 +421,7 @@ class OpenSoraVAE(nn.Module):
         out, start = [], 0
         for n in self.cfg.chunk_frames(frames):
             length = -(-n // tf)
+            interrupt.point()
             out.append(self.temporal_vae.decode(z[:, :, start : start + length], n))
             start += length
         x = torch.cat(out, dim=2)  # (B, 4, frames, h, w)

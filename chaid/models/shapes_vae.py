@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chaid import interrupt
 from chaid.errors import InputError
 
 # Where the trained weights of the embedded default live, inside the package.
@@ -135,9 +136,13 @@ class Decoder(nn.Module):
         k = self.cfg.temporal_factor
         x = self.unfold_time(F.silu(self.conv_in(z)))  # (B, lo*k, T, h, w)
         x = x.view(b, -1, k, t, h, w).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, t * k, h, w)
+        interrupt.point()
         x = self.blocks_low(_frames_to_batch(x))  # (B*F, lo, h, w)
+        interrupt.point()
         x = self.up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        x = self.conv_out(F.silu(self.norm_out(self.blocks_high(x))))  # (B*F, 48, 2h, 2w)
+        x = self.blocks_high(x)
+        interrupt.point()
+        x = self.conv_out(F.silu(self.norm_out(x)))  # (B*F, 48, 2h, 2w)
         return _batch_to_frames(F.pixel_shuffle(x, self.cfg.unshuffle), b)  # (B, 3, F, H, W)
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chaid import interrupt
+
 # --------------------------------------------------------------------------------------
 # Config
 
@@ -542,8 +544,10 @@ class STDiT3(nn.Module):
 
         # 5. blocks
         def run_pair(i: int, x: torch.Tensor) -> torch.Tensor:
+            interrupt.point()  # a cancel or deadline stops a long forward between blocks
             spatial, temporal = self.spatial_blocks[i], self.temporal_blocks[i]
             x = spatial(x, y, y_mask, t_mlp, T, S, attn_plan("spatial", i) if attn_plan else None)
+            interrupt.point()
             return temporal(
                 x, y, y_mask, t_mlp, T, S, attn_plan("temporal", i) if attn_plan else None
             )

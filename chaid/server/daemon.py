@@ -24,9 +24,10 @@ import trio
 from chaid import __version__
 from chaid.config import Settings
 from chaid.engine.chai import ChaiEngine, lookup_as_dict
+from chaid.engine.cost import Admission, CostModel, TooCostly
 from chaid.engine.worker import DeviceWorker, Job, JobState, QueueFull
 from chaid.errors import ChaidError, InputError
-from chaid.modes import CacheMode, Outcome
+from chaid.modes import CacheMode, Outcome, decide, steps_for
 from chaid.protocol import METHODS, PROTOCOL_VERSION, ErrorCode, Request, RpcError, response
 from chaid.server.connection import Connection, Services
 from chaid.server.listeners import BoundSocket, bind_socket, inherited_sockets, release
@@ -63,10 +64,12 @@ class Daemon:
     """The serving state shared by every connection: engine, worker, limits, counters."""
 
     def __init__(self, settings: Settings, engine: ChaiEngine, access: AccessPolicy,
-                 notifier: Notifier) -> None:
+                 notifier: Notifier, cost: CostModel) -> None:
         srv = settings.server
         self.settings = settings
         self.engine = engine
+        self.admission = Admission.from_settings(cost, srv.max_request_s,
+                                                 srv.max_request_memory_mb)
         self.access = access
         self.notifier = notifier
         self.lookup_limiter = trio.CapacityLimiter(srv.lookup_threads)
@@ -204,6 +207,12 @@ class Daemon:
         if self.draining:
             raise RpcError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
         request = self._resolve(p)
+        # Before any work: the costliest run this request may take (a miss for auto).
+        steps = steps_for(decide(mode, False).run, self.engine.pipeline.chai, request.steps)
+        try:
+            self.admission.check(request, steps)
+        except TooCostly as exc:
+            raise RpcError(ErrorCode.TOO_LARGE, str(exc), exc.data) from None
         deadline_s = p.get("deadline_s") or self.settings.server.request_timeout_s
         deadline = trio.current_time() + deadline_s
         on_progress = None
@@ -317,6 +326,7 @@ class Daemon:
                       "running": None if running is None else {
                           "steps_done": running.steps_done, "steps": running.steps_total}},
             "generations": {str(k): v for k, v in self.worker.counts.items()},
+            "admission": self.admission.as_dict(),
             "connections": len(self.connections),
             "requests": dict(self.stats.requests),
             "errors": dict(self.stats.errors),
@@ -428,16 +438,21 @@ async def serve(settings: Settings) -> int:
         # 1. store and models (seconds): abandoned if a signal arrives meanwhile.
         notifier.status("loading the store and the model")
         engine: ChaiEngine | None = None
+        cost: CostModel | None = None
         with trio.CancelScope() as loading:
             root.start_soon(_cancel_on, shutdown, loading)
             engine = await trio.to_thread.run_sync(ChaiEngine.load, settings,
                                                    abandon_on_cancel=True)
-        if engine is None:
+            # What a request costs on this device, for admission (a second or two).
+            notifier.status("timing the model on the device")
+            cost = CostModel(engine.pipeline)
+            await trio.to_thread.run_sync(cost.calibrate, abandon_on_cancel=True)
+        if engine is None or cost is None or cost.calibration is None:
             log.info("stopped while starting")
             root.cancel_scope.cancel()
             return 0
         try:
-            code = await _serve_with(settings, engine, access, notifier, shutdown, force)
+            code = await _serve_with(settings, engine, cost, access, notifier, shutdown, force)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(engine.close)
@@ -451,14 +466,15 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _serve_with(settings: Settings, engine: ChaiEngine, access: AccessPolicy,
-                      notifier: Notifier, shutdown: trio.Event, force: trio.Event) -> int:
+async def _serve_with(settings: Settings, engine: ChaiEngine, cost: CostModel,
+                      access: AccessPolicy, notifier: Notifier, shutdown: trio.Event,
+                      force: trio.Event) -> int:
     srv = settings.server
     # 2. listeners: systemd's if it passed any, else our own path.
     bound = inherited_sockets()
     if not bound:
         bound = [bind_socket(srv.socket, srv.socket_mode_bits, srv.socket_group)]
-    daemon = Daemon(settings, engine, access, notifier)
+    daemon = Daemon(settings, engine, access, notifier, cost)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(daemon.worker.run)

@@ -380,6 +380,36 @@ def test_admin_calls_as_owner(shared_daemon):
             c.cache_evict([])
 
 
+def test_costly_request_is_refused_before_any_work(shared_daemon):
+    """Within every shape bound, but half a million tokens per forward: refused with the
+    estimate (docs/protocol.md, admission by cost); the daemon's counters show it."""
+    with Client(shared_daemon.socket) as c:
+        before = c.stats()["admission"]
+        with pytest.raises(RpcError) as err:
+            c.generate("a red circle", cache="off", steps=1, frames=256, height=1024,
+                       width=1024)
+        assert err.value.code == "too_large", err.value
+        assert err.value.data["tokens"] >= 500_000
+        assert err.value.data["estimated_s"] > err.value.data["max_s"] or (
+            err.value.data["memory_mb"] > err.value.data["max_memory_mb"])
+        after = c.stats()["admission"]
+        assert after["refused"] == before["refused"] + 1
+        assert after["dit_tflops_per_s"] > 0 and c.ping()["pong"]
+
+
+def test_deadline_stops_a_step_that_has_begun(shared_daemon):
+    """One step of 16 frames of 512x512 takes seconds here; the deadline stops it between
+    blocks instead of after the step (which would return the video)."""
+    with Client(shared_daemon.socket) as c:
+        t0 = time.monotonic()
+        with pytest.raises(RpcError) as err:
+            c.generate("a red circle", cache="off", steps=1, frames=16, height=512,
+                       width=512, deadline_s=1.0)
+        took = time.monotonic() - t0
+        assert err.value.code == "deadline_exceeded", err.value
+        assert took < 6.0, took
+
+
 def test_deadline_inflight_limit_and_duplicate_ids(shared_daemon):
     with Client(shared_daemon.socket) as c:
         with pytest.raises(RpcError) as err:
