@@ -106,6 +106,61 @@ class EntryRecord:
         return cls(**json.loads(raw))
 
 
+class ReadersOrResize:
+    """Any number of read transactions at once, or one map resize with none.
+
+    LMDB forbids ``mdb_env_set_mapsize`` while a transaction of this process is open;
+    readers on other threads would see their transaction invalidated (or the process
+    crash). Reads take the shared side, a growth the exclusive side. A waiting resize holds
+    back new readers (so a steady stream of reads cannot starve it) but not a thread that
+    already reads (so reads may nest).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._waiting = 0
+        self._resizing = False
+        self._depth = threading.local()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        depth = getattr(self._depth, "n", 0)
+        with self._cond:
+            if not depth:
+                while self._resizing or self._waiting:
+                    self._cond.wait()
+            self._readers += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if getattr(self._depth, "n", 0):
+            raise RuntimeError("a map resize inside a read transaction of the same thread")
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._resizing or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._resizing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
 class LatentDB:
     """One LMDB environment under ``data_dir/lmdb``.
 
@@ -129,6 +184,7 @@ class LatentDB:
         self.readonly = readonly
         self.max_map_bytes = max_map_bytes
         self._write_lock = threading.Lock()
+        self._resize = ReadersOrResize()
         self._lock_file = None
         path = self.data_dir / LMDB_DIRNAME
         if readonly:
@@ -203,17 +259,24 @@ class LatentDB:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        """A read transaction (copies values out; valid until the block ends)."""
-        try:
-            txn = self.env.begin()
-        except lmdb.MapResizedError:
-            # Another process grew the map: adopt its size and retry once.
-            self.env.set_mapsize(0)
-            txn = self.env.begin()
-        try:
-            yield txn
-        finally:
-            txn.abort()
+        """A read transaction (copies values out; valid until the block ends). It holds off
+        map growth in this process until it ends (see ReadersOrResize)."""
+        with self._resize.shared():
+            try:
+                txn = self.env.begin()
+            except lmdb.MapResizedError:
+                txn = None
+        if txn is None:
+            # Another process grew the map: adopt its size, with no reader open here.
+            with self._resize.exclusive():
+                self.env.set_mapsize(0)
+        with self._resize.shared():
+            if txn is None:
+                txn = self.env.begin()
+            try:
+                yield txn
+            finally:
+                txn.abort()
 
     def write(self, body: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``body(txn)`` in one write transaction and commit it; return its result.
@@ -257,7 +320,8 @@ class LatentDB:
         new_size = min(size * 2, self.max_map_bytes)
         log.info("growing the LMDB map from %d to %d bytes", size, new_size)
         try:
-            self.env.set_mapsize(new_size)
+            with self._resize.exclusive():  # no read transaction of this process is open
+                self.env.set_mapsize(new_size)
         except lmdb.Error as exc:
             raise StoreFullError(f"cannot grow the store's map to {new_size}: {exc}") from exc
 

@@ -3,6 +3,9 @@ budget and eviction."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import lmdb
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from storekit import TOY_DIM, TOY_EMBEDDER, toy_analysis, toy_latents, toy_setti
 
 from chaid.store.cache import LatentCache
 from chaid.store.db import LMDB_DIRNAME
+from chaid.store.db import latent_key as db_latent_key
 from chaid.store.errors import (
     EntryNotFoundError,
     EntryTooLargeError,
@@ -128,6 +132,48 @@ def test_map_grows_on_demand(tmp_path):
         for i in range(40):
             cache.insert(toy_analysis(f"p{i}"), toy_latents(f"p{i}", big), "fp")
         assert cache.db.env.info()["map_size"] > settings.map_bytes
+        assert len(cache) == 40 and cache.check().ok
+
+
+def test_map_grows_while_other_threads_read(tmp_path):
+    """LMDB forbids resizing the map under open read transactions of the process: growth
+    waits for readers, and every read sees whole entries, never an error."""
+    settings = toy_settings(tmp_path, map_bytes=1 << 20)
+    big = (4, 16, 32, 32)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with open_toy(settings) as cache:
+        first = cache.insert(toy_analysis("p0"), toy_latents("p0", big), "fp").entry_id
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    with cache.db.read() as txn:
+                        records = list(cache.db.iter_records(txn))
+                        time.sleep(0.001)  # hold the transaction across a writer's commit
+                        for record in records:
+                            for step in record.steps:
+                                raw = txn.get(db_latent_key(record.entry_id, step),
+                                              db=cache.db.latents)
+                                assert raw is not None and len(raw) > 0
+                    assert cache.get_latents(first)
+                except BaseException as exc:  # noqa: BLE001 - collected for the assert
+                    errors.append(exc)
+                    return
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(1, 40):
+                cache.insert(toy_analysis(f"p{i}"), toy_latents(f"p{i}", big), "fp")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        grown = cache.db.env.info()["map_size"]
+        assert grown >= 8 * settings.map_bytes, grown  # several growths happened
+        assert errors == []
         assert len(cache) == 40 and cache.check().ok
 
 
