@@ -136,10 +136,10 @@ class CostModel:
         a call's overhead and throughput to each pair."""
         pipe = self.pipeline
         default = pipe.resolve(GenerationRequest("calibration"))
-        side = min(2 * default.height, 2 * default.width, MAX_SIDE) // min(
-            default.height, default.width)
+        # Twice the sides where the ceiling allows (else the same size: throughput only).
+        scale = 2 if 2 * max(default.height, default.width) <= MAX_SIDE else 1
         big = pipe.resolve(dataclasses.replace(
-            default, height=default.height * max(side, 1), width=default.width * max(side, 1)))
+            default, height=scale * default.height, width=scale * default.width))
         points = [self._time(req) for req in (default, big)]
         self.calibration = Calibration(
             Linear.fit(points[0][0], points[1][0]), Linear.fit(points[0][1], points[1][1]))

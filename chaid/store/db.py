@@ -261,22 +261,26 @@ class LatentDB:
     def read(self) -> Iterator[lmdb.Transaction]:
         """A read transaction (copies values out; valid until the block ends). It holds off
         map growth in this process until it ends (see ReadersOrResize)."""
-        with self._resize.shared():
-            try:
-                txn = self.env.begin()
-            except lmdb.MapResizedError:
-                txn = None
-        if txn is None:
-            # Another process grew the map: adopt its size, with no reader open here.
+        for attempt in (1, 2):
+            # The transaction begins and ends under one hold of the shared side: a growth
+            # never runs while it is open.
+            with self._resize.shared():
+                try:
+                    txn = self.env.begin()
+                except lmdb.MapResizedError:
+                    if attempt == 2:
+                        raise
+                    txn = None
+                if txn is not None:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            # Another process grew the map: adopt its size (no reader of ours is open),
+            # then begin again.
             with self._resize.exclusive():
                 self.env.set_mapsize(0)
-        with self._resize.shared():
-            if txn is None:
-                txn = self.env.begin()
-            try:
-                yield txn
-            finally:
-                txn.abort()
 
     def write(self, body: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``body(txn)`` in one write transaction and commit it; return its result.
