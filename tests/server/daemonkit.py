@@ -133,8 +133,14 @@ def send(sock: socket.socket, method: str, params: Any = None, msgid: int = 1) -
 
 
 def call(sock: socket.socket, method: str, params: Any = None, msgid: int = 1) -> list:
-    """Send a request and return its response frame, skipping notifications."""
-    send(sock, method, params, msgid)
+    """Send a request and return its response frame, skipping notifications.
+
+    A daemon that refuses a connection at accept writes one error frame and closes, so the
+    send may fail with a broken pipe; the refusal is then still there to be read."""
+    try:
+        send(sock, method, params, msgid)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     reader = Reader(sock)
     while True:
         frame = reader.next()
