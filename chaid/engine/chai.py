@@ -31,7 +31,7 @@ from chaid.models.weights import resolve_weights_file
 from chaid.modes import CacheMode, Outcome, decide
 from chaid.store.analysis import Analyzer
 from chaid.store.cache import InsertResult, LatentCache
-from chaid.store.errors import EntryNotFoundError
+from chaid.store.errors import CorruptEntryError, EntryNotFoundError, StoreError
 from chaid.store.matching import LookupResult
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class ChaiOutcome:
     request: GenerationRequest  # resolved: every size filled in
     lookup: LookupResult | None = None
     inserted: InsertResult | None = None
+    # Why a miss's latents were not cached (the store could not write them); the video is
+    # returned all the same.
+    not_cached: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def matched(self) -> dict[str, Any] | None:
@@ -114,6 +117,7 @@ class ChaiEngine:
         self.store = store
         self.fingerprint = fingerprint
         self.default_steps = default_steps
+        self.store_write_failures = 0  # misses whose latents the store could not write
 
     @classmethod
     def load(cls, settings: Settings) -> ChaiEngine:
@@ -160,6 +164,15 @@ class ChaiEngine:
         return self.store.lookup(request.prompt, self.fingerprint, self.latent_shape(request),
                                  touch=touch)
 
+    def lookup_or_miss(self, request: GenerationRequest) -> LookupResult | None:
+        """:meth:`lookup` for a generate: a store that cannot be read makes it a miss
+        (logged) rather than a failed request."""
+        try:
+            return self.lookup(request)
+        except StoreError as exc:
+            log.error("cache lookup failed (%s); running a miss", exc)
+            return None
+
     def generate(
         self,
         request: GenerationRequest,
@@ -187,6 +200,9 @@ class ChaiEngine:
                 log.info("entry %s was evicted after the lookup; running a miss",
                          lookup.entry_id)
                 outcome = Outcome.MISS
+            except CorruptEntryError as exc:  # never served: quarantined, run as a miss
+                self.store.quarantine(exc.entry_id, exc.problem)
+                outcome = Outcome.MISS
             timings["read_ms"] = (time.perf_counter() - t0) * 1e3
         req = self.pipeline.for_run(request, outcome.run, cached)
         result = self.pipeline.generate(req, on_step)
@@ -198,11 +214,17 @@ class ChaiEngine:
             return None
         t0 = time.perf_counter()
         req = outcome.request
-        inserted = self.store.insert(
-            req.prompt, outcome.result.captured, self.fingerprint,
-            extra={"frames": req.frames, "height": req.height, "width": req.width,
-                   "seed": req.seed, "steps": outcome.result.steps},
-        )
+        try:
+            inserted = self.store.insert(
+                req.prompt, outcome.result.captured, self.fingerprint,
+                extra={"frames": req.frames, "height": req.height, "width": req.width,
+                       "seed": req.seed, "steps": outcome.result.steps},
+            )
+        except StoreError as exc:  # a full disk, a damaged page: the video still goes back
+            log.error("the latents of %r were not cached: %s", req.prompt[:80], exc)
+            outcome.not_cached = str(exc)
+            self.store_write_failures += 1
+            return None
         outcome.inserted = inserted
         outcome.timings_ms["insert_ms"] = (time.perf_counter() - t0) * 1e3
         return inserted

@@ -173,7 +173,7 @@ class DeviceWorker:
         lookup: LookupResult | None = None
         if needs_lookup(job.mode):
             t0 = time.perf_counter()
-            lookup = await trio.to_thread.run_sync(self.engine.lookup, job.request,
+            lookup = await trio.to_thread.run_sync(self.engine.lookup_or_miss, job.request,
                                                    limiter=self.lookup_limiter)
             job.lookup_ms = (time.perf_counter() - t0) * 1e3
         # The steps the run is expected to take, for progress reports. A hit whose entry is

@@ -298,6 +298,7 @@ class Daemon:
             "inserted": None if inserted is None else {
                 "entry_id": inserted.entry_id, "bytes": inserted.bytes,
                 "evicted": inserted.evicted},
+            "not_cached": outcome.not_cached,
             "timings": {k: round(float(v), 2) for k, v in timings.items()},
         }
 
@@ -330,7 +331,8 @@ class Daemon:
             "connections": len(self.connections),
             "requests": dict(self.stats.requests),
             "errors": dict(self.stats.errors),
-            "cache": cache_stats,
+            "cache": {**cache_stats,
+                      "write_failures": self.engine.store_write_failures},
             "peer": {"uid": conn.peer.uid, "gid": conn.peer.gid, "admin": conn.admin},
         }
 
@@ -514,6 +516,16 @@ def run(settings: Settings) -> int:
         return trio.run(serve, settings)
     except* ChaidError as group:
         raise _one_error(group) from None
+    except* OSError as group:  # a path or a device the daemon cannot use: one line, too
+        for exc in _leaves(group):
+            log.debug("start-up failed", exc_info=exc)
+        raise _one_error(BaseExceptionGroup("start-up", [
+            ChaidError(_os_message(exc)) for exc in _leaves(group)])) from None
+
+
+def _os_message(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 def _one_error(group: BaseExceptionGroup) -> ChaidError:

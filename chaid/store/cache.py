@@ -37,14 +37,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import lmdb
 import numpy as np
 
 from chaid.store import db as dbm
 from chaid.store.analysis import Analyzer, PromptAnalysis
 from chaid.store.codec import checksum, decode_latent, encode_latents
+from chaid.store.datafile import repair_hint
 from chaid.store.db import EntryRecord, LatentDB
-from chaid.store.errors import EntryNotFoundError, StoreError
+from chaid.store.errors import (
+    CorruptEntryError,
+    EntryNotFoundError,
+    StoreCorruptError,
+    StoreError,
+)
 from chaid.store.index import EntityIndex
+from chaid.store.integrity import latent_problem, walk
 from chaid.store.lookup import Lookup
 from chaid.store.maintenance import CheckReport, IndexMaintenance
 from chaid.store.matching import LookupResult
@@ -96,7 +104,9 @@ class LatentCache:
         self.matchers = Lookup(self.db, self.index, self.policy, self.settings, analyzer,
                                self.dim, self._write_lock)
         self._closed = False
+        self.quarantined = 0  # entries evicted since the open because their bytes were bad
         try:
+            self._check_structure()
             self._load_catalog()
             self.maintenance.open(has_entries=len(self.policy) > 0)
         except BaseException:
@@ -120,10 +130,24 @@ class LatentCache:
             raise StoreError(f"no store at {settings.data_dir}")
         return cls(settings, embedder=None, **kwargs)
 
+    def _check_structure(self) -> None:
+        """Refuse a store whose trees are damaged, saying what is wrong and how to recover
+        (a walk of every key; the latents' bytes are verified when read)."""
+        problems = walk(self.db)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise StoreCorruptError(f"the store at {self.data_dir} is damaged: {problems[0]}"
+                                    f"{more}; {repair_hint(self.data_dir)}")
+
     def _load_catalog(self) -> None:
-        with self.db.read() as txn:
-            self.policy.load(self._stats_of(r) for r in self.db.iter_records(txn))
-            stored_total = self.db.get_meta(txn, "total_bytes")
+        try:
+            with self.db.read() as txn:
+                self.policy.load(self._stats_of(r) for r in self.db.iter_records(txn))
+                stored_total = self.db.get_meta(txn, "total_bytes")
+        except (lmdb.Error, ValueError, TypeError, KeyError) as exc:
+            raise StoreCorruptError(f"the store at {self.data_dir} is damaged (an entry "
+                                    f"record is unreadable: {exc!r}); "
+                                    f"{repair_hint(self.data_dir)}") from exc
         if stored_total != self.policy.total_bytes:
             # Cannot happen with atomic commits; repair rather than refuse to start.
             log.warning("total_bytes %s disagrees with the entries (%s); repairing",
@@ -299,12 +323,15 @@ class LatentCache:
                                   timings=timings)
         t1 = time.perf_counter()
         namespace = (fingerprint, tuple(int(n) for n in latent_shape))
-        if matching == "entity":
-            result = self.matchers.entities(analysis, namespace, timings)
-        elif matching == "prompt":
-            result = self.matchers.prompt(analysis, namespace)
-        else:
+        if matching not in ("entity", "prompt"):
             raise StoreError(f"matching must be 'entity' or 'prompt', not {matching!r}")
+        try:
+            if matching == "entity":
+                result = self.matchers.entities(analysis, namespace, timings)
+            else:
+                result = self.matchers.prompt(analysis, namespace)
+        except lmdb.Error as exc:  # a page damaged since the open
+            raise StoreError(f"the store could not be read: {exc}") from exc
         t2 = time.perf_counter()
         timings.update(analyse=(t1 - t0) * 1e3, search=(t2 - t1) * 1e3, total=(t2 - t0) * 1e3)
         result.timings_ms = timings
@@ -315,18 +342,42 @@ class LatentCache:
 
     def get_latents(self, entry_id: int) -> dict[int, np.ndarray]:
         """The stored latents of an entry, ``{step: array}`` in the stored dtype (copies);
-        int8 entries are read back as float32."""
-        with self.db.read() as txn:
-            record = self.db.get_record(txn, entry_id)
-            if record is None:
-                raise EntryNotFoundError(f"no cache entry {entry_id}")
-            out = {}
-            for step in record.steps:
-                raw = txn.get(dbm.latent_key(entry_id, step), db=self.db.latents)
-                if raw is None:
-                    raise StoreError(f"entry {entry_id} lacks its latent of step {step}")
-                out[step] = decode_latent(raw, record.dtype, tuple(record.shape))
-            return out
+        int8 entries are read back as float32.
+
+        Every latent's length, dtype and checksum are verified first: an entry that fails
+        (or cannot be read) raises :class:`CorruptEntryError` and is never served; the
+        caller quarantines it (:meth:`quarantine`).
+        """
+        try:
+            with self.db.read() as txn:
+                record = self.db.get_record(txn, entry_id)
+                if record is None:
+                    raise EntryNotFoundError(f"no cache entry {entry_id}")
+                raws = {step: txn.get(dbm.latent_key(entry_id, step), db=self.db.latents)
+                        for step in record.steps}
+        except (lmdb.Error, ValueError, TypeError) as exc:
+            raise CorruptEntryError(entry_id, f"unreadable ({exc!r})") from exc
+        out = {}
+        for step, raw in raws.items():
+            if raw is None:
+                raise CorruptEntryError(entry_id, f"latent of step {step} missing")
+            problem = latent_problem(record, step, raw)
+            if problem:
+                raise CorruptEntryError(entry_id, problem)
+            out[step] = decode_latent(raw, record.dtype, tuple(record.shape))
+        return out
+
+    def quarantine(self, entry_id: int, problem: str) -> bool:
+        """Evict an entry whose stored bytes are bad, log it and count it (``stats``);
+        whether it was removed. A store too damaged to write keeps it, still never served
+        once its checks fail."""
+        log.error("cache entry %d is damaged (%s); evicting it", entry_id, problem)
+        self.quarantined += 1
+        try:
+            return bool(self.evict([entry_id]))
+        except (StoreError, lmdb.Error) as exc:
+            log.error("could not evict damaged cache entry %d: %s", entry_id, exc)
+            return False
 
     def get_record(self, entry_id: int) -> EntryRecord:
         with self.db.read() as txn:
@@ -354,6 +405,7 @@ class LatentCache:
             "total_bytes": self.policy.total_bytes,
             "budget_bytes": self.settings.budget_bytes,
             "policy": self.settings.policy,
+            "quarantined": self.quarantined,
             "embedder": meta.get("embedder"),
             "schema_version": meta.get("schema_version"),
             "index": {"generation": self.index.generation, "built_items": self.index.built_size,

@@ -57,7 +57,8 @@ def register_cache(sub: argparse._SubParsersAction) -> None:
     s = cache_sub.add_parser("check", help="verify consistency (optionally repair)")
     _add_data_dir(s)
     s.add_argument("--repair", action="store_true",
-                   help="delete orphans, fix totals, rebuild the index (daemon stopped)")
+                   help="delete orphans and damaged entries, fix totals, rebuild the index; "
+                        "salvage the intact entries of a damaged file (daemon stopped)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_cmd_check)
 
@@ -127,17 +128,39 @@ def _cmd_evict(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from chaid.store.cache import LatentCache
+    from chaid.store.errors import StoreCorruptError
+    from chaid.store.integrity import salvage
+    from chaid.store.maintenance import CheckReport
 
-    with LatentCache.open_existing(StoreSettings(data_dir=args.data_dir, budget_bytes=1 << 60),
-                                   background_rebuild=False) as cache:
-        report = cache.check(repair=args.repair)
-    payload = {"ok": report.ok, "entries": report.entries, "total_bytes": report.total_bytes,
-               "problems": report.problems, "repaired": report.repaired}
+    settings = StoreSettings(data_dir=args.data_dir, budget_bytes=1 << 60)
+    salvaged = None
+    for attempt in (1, 2):
+        try:
+            with LatentCache.open_existing(settings, background_rebuild=False) as cache:
+                report = cache.check(repair=args.repair)
+        except StoreCorruptError as exc:  # the files or the trees: the store cannot open
+            report = CheckReport(problems=[str(exc)], damaged=True)
+        if not (report.damaged and args.repair and attempt == 1):
+            break
+        # Copy every intact entry into a new file, keep the damaged one, check again.
+        salvaged = salvage(args.data_dir)
+        if salvaged.unreadable:  # nothing left to check: the next open starts empty
+            report = CheckReport()
+            break
+    if salvaged is not None:
+        report.repaired.insert(0, salvaged.summary())
+    payload = {"ok": report.ok, "damaged": report.damaged, "entries": report.entries,
+               "total_bytes": report.total_bytes, "problems": report.problems,
+               "repaired": report.repaired,
+               "lost": {} if salvaged is None else salvaged.lost}
     text = "consistent" if report.ok else "problems:\n  " + "\n  ".join(report.problems)
+    if report.damaged and not args.repair:
+        text += "\nthe store is damaged: `--repair` copies every intact entry into a new " \
+                "file and keeps the damaged one beside it"
     if report.repaired:
         text += "\nrepaired: " + "; ".join(report.repaired)
     _emit(args, payload, f"{report.entries} entries, {report.total_bytes} bytes: {text}")
-    return 0 if report.ok or report.repaired else 1
+    return 0 if report.ok or (report.repaired and not report.damaged) else 1
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:

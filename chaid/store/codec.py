@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from chaid.store.errors import StoreError
+from chaid.store.settings import LATENT_DTYPES
 
 
 def as_numpy(latent: Any) -> np.ndarray:
@@ -58,6 +59,20 @@ def dequantise_int8(raw: bytes, shape: tuple[int, ...]) -> np.ndarray:
         shape[:2] + (1,) * (len(shape) - 2))
     q = np.frombuffer(raw, np.int8, offset=4 * n_scales).reshape(shape)
     return q.astype(np.float32) * scale
+
+
+def stored_length(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes one stored latent of ``dtype`` and ``shape`` occupies; StoreError for a dtype
+    or shape no store writes."""
+    if dtype not in LATENT_DTYPES or not shape or any(
+            not isinstance(n, int) or n <= 0 for n in shape):
+        raise StoreError(f"no latent is stored as {dtype} of shape {list(shape)}")
+    count = int(np.prod(shape))
+    if dtype == "int8":
+        if len(shape) < 3:
+            raise StoreError(f"int8 latents have 3 or more axes, not {list(shape)}")
+        return 4 * shape[0] * shape[1] + count
+    return count * np.dtype(dtype).itemsize
 
 
 def checksum(data: bytes) -> str:

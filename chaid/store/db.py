@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import logging
+import os
 import struct
 import threading
 import time
@@ -32,8 +33,10 @@ from typing import Any, TypeVar
 import lmdb
 import numpy as np
 
+from chaid.store.datafile import check_data_file, repair_hint
 from chaid.store.errors import (
     StoreBusyError,
+    StoreCorruptError,
     StoreError,
     StoreFullError,
     StoreMismatchError,
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 # Bump when the layout or the record format changes; older stores are refused, not guessed at.
 SCHEMA_VERSION = 1
 # Named databases plus headroom for later versions.
-_MAX_DBS = 8
+MAX_DBS = 8
 # Readers beyond the daemon's threads: tools opened read-only beside it.
 _MAX_READERS = 126
 _ID = struct.Struct(">Q")
@@ -191,13 +194,24 @@ class LatentDB:
             if not (path / "data.mdb").exists():
                 raise StoreError(f"no store at {self.data_dir}")
         else:
-            path.mkdir(parents=True, exist_ok=True)
-            self._lock_file = take_writer_lock(self.data_dir / WRITER_LOCK_NAME)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                self._lock_file = take_writer_lock(self.data_dir / WRITER_LOCK_NAME)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the store in {self.data_dir}: {exc.strerror or exc} (the "
+                    "daemon's user needs write access to store.data_dir)") from None
+        try:
+            # Before LMDB maps the file: a truncated one would kill the process with SIGBUS.
+            check_data_file(self.data_dir, path / "data.mdb")
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             self.env = lmdb.open(
                 str(path),
                 map_size=map_bytes,
-                max_dbs=_MAX_DBS,
+                max_dbs=MAX_DBS,
                 max_readers=_MAX_READERS,
                 readonly=readonly,
                 sync=durable,
@@ -214,6 +228,11 @@ class LatentDB:
             self.latents = self.env.open_db(b"latents", create=not readonly)
             self.vectors = self.env.open_db(b"vectors", create=not readonly)
             self.prompts = self.env.open_db(b"prompts", create=not readonly)
+        except (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError,
+                lmdb.PanicError) as exc:
+            self._release_lock()
+            raise StoreCorruptError(f"the store at {self.data_dir} is damaged ({exc}); "
+                                    f"{repair_hint(self.data_dir)}") from exc
         except lmdb.Error as exc:
             self._release_lock()
             raise StoreError(f"cannot open the store at {self.data_dir}: {exc}") from exc
@@ -226,7 +245,12 @@ class LatentDB:
     # -- schema -----------------------------------------------------------------------------
 
     def _check_schema(self, embedder: tuple[str, int] | None) -> None:
-        meta = self.read_meta()
+        try:
+            meta = self.read_meta()
+        except (lmdb.Error, ValueError) as exc:
+            raise StoreCorruptError(f"the store at {self.data_dir} is damaged (its meta "
+                                    f"database is unreadable: {exc}); "
+                                    f"{repair_hint(self.data_dir)}") from exc
         if "schema_version" not in meta:
             if self.readonly:
                 raise StoreError(f"{self.data_dir} holds an empty or unfinished store")
@@ -305,9 +329,10 @@ class LatentDB:
                     self._grow()
                 except lmdb.Error as exc:
                     txn.abort()
-                    if _is_disk_full(exc):
+                    if _is_disk_full(exc, self.data_dir):
                         raise StoreFullError(
-                            f"the disk under {self.data_dir} is full; nothing was written"
+                            f"the disk under {self.data_dir} is full "
+                            f"({_free_bytes(self.data_dir)} bytes free); nothing was written"
                         ) from exc
                     raise StoreError(f"store write failed: {exc}") from exc
                 except BaseException:
@@ -404,10 +429,25 @@ def take_writer_lock(path: Path):
     return handle
 
 
-def _is_disk_full(exc: lmdb.Error) -> bool:
-    return isinstance(exc, lmdb.DiskError) or "No space left" in str(exc) or (
-        getattr(exc, "errno", None) == errno.ENOSPC
-    )
+# Below this many free bytes an I/O error of a write is taken for a full disk.
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def _is_disk_full(exc: lmdb.Error, data_dir: Path) -> bool:
+    if isinstance(exc, lmdb.DiskError) or "No space left" in str(exc) or (
+            getattr(exc, "errno", None) == errno.ENOSPC):
+        return True
+    # Some filesystems (tmpfs among them) fail LMDB's page writes with EIO, not ENOSPC,
+    # when they run out of space.
+    return "Input/output error" in str(exc) and _free_bytes(data_dir) < _NEARLY_FULL_BYTES
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
 
 
 def dir_has_store(data_dir: Path) -> bool:

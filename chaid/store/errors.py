@@ -17,6 +17,21 @@ class StoreMismatchError(StoreError):
     """The store was built with another embedder (its vectors would be meaningless here)."""
 
 
+class StoreCorruptError(StoreError):
+    """The store's files are damaged (truncated, unreadable pages); the message says what
+    is wrong and how to recover."""
+
+
+class CorruptEntryError(StoreError):
+    """One entry's stored bytes fail their checks (checksum, length, dtype); it is
+    quarantined and the request runs as a miss."""
+
+    def __init__(self, entry_id: int, problem: str) -> None:
+        super().__init__(f"cache entry {entry_id} is damaged: {problem}")
+        self.entry_id = entry_id
+        self.problem = problem
+
+
 class StoreFullError(StoreError):
     """The store reached its map-size ceiling or the disk is full; nothing was written."""
 

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 from chaid.store import db as dbm
-from chaid.store.codec import checksum
 from chaid.store.db import EntryRecord, LatentDB
 from chaid.store.index import MANIFEST_NAME, EntityIndex, IndexCorrupt
+from chaid.store.integrity import entry_problems, walk
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class CheckReport:
     total_bytes: int = 0
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    # A damaged tree or unreadable records: only a salvage (chaid cache check --repair)
+    # gets the intact entries back.
+    damaged: bool = False
 
     @property
     def ok(self) -> bool:
@@ -139,26 +143,39 @@ class IndexMaintenance:
         """
         self.wait()
         report = CheckReport()
+        report.problems.extend(walk(self.db))
+        if report.problems:  # a damaged tree: only a salvage helps (chaid cache check --repair)
+            report.damaged = True
+            return report
         orphans: dict[str, list[bytes]] = {"latents": [], "vectors": [], "prompts": []}
-        with self.db.read() as txn:
-            ids: set[int] = set()
-            items: set[int] = set()
-            for record in self.db.iter_records(txn):
-                ids.add(record.entry_id)
-                items.update(record.item_ids)
-                report.entries += 1
-                report.total_bytes += record.bytes
-                self._check_record(txn, record, report, verify_latents)
-            for key in txn.cursor(db=self.db.latents).iternext(values=False):
-                if int.from_bytes(key[:8], "big") not in ids:
-                    orphans["latents"].append(key)
-            for key, value in txn.cursor(db=self.db.vectors):
-                if dbm.key_id(key) not in items or dbm.parse_vector(value)[0] not in ids:
-                    orphans["vectors"].append(key)
-            for key in txn.cursor(db=self.db.prompts).iternext(values=False):
-                if dbm.key_id(key) not in ids:
-                    orphans["prompts"].append(key)
-            stored_total = self.db.get_meta(txn, "total_bytes")
+        damaged: list[EntryRecord] = []
+        try:
+            with self.db.read() as txn:
+                ids: set[int] = set()
+                items: set[int] = set()
+                for record in self.db.iter_records(txn):
+                    ids.add(record.entry_id)
+                    items.update(record.item_ids)
+                    report.entries += 1
+                    report.total_bytes += record.bytes
+                    problems = entry_problems(txn, self.db, record, verify_latents)
+                    if problems:
+                        report.problems.extend(problems)
+                        damaged.append(record)
+                for key in txn.cursor(db=self.db.latents).iternext(values=False):
+                    if int.from_bytes(key[:8], "big") not in ids:
+                        orphans["latents"].append(key)
+                for key, value in txn.cursor(db=self.db.vectors):
+                    if dbm.key_id(key) not in items or dbm.parse_vector(value)[0] not in ids:
+                        orphans["vectors"].append(key)
+                for key in txn.cursor(db=self.db.prompts).iternext(values=False):
+                    if dbm.key_id(key) not in ids:
+                        orphans["prompts"].append(key)
+                stored_total = self.db.get_meta(txn, "total_bytes")
+        except (lmdb.Error, ValueError, TypeError) as exc:
+            report.problems.append(f"the store is damaged ({exc!r})")
+            report.damaged = True
+            return report
         for name, keys in orphans.items():
             if keys:
                 report.problems.append(f"{len(keys)} orphan {name} records")
@@ -173,38 +190,37 @@ class IndexMaintenance:
                 f"index disagrees with LMDB: {len(index_items - items)} stale items, "
                 f"{len(items - index_items)} missing items")
         if repair and report.problems:
-            self._repair(orphans, report, write_lock, reload_catalog)
+            self._repair(orphans, damaged, report, write_lock, reload_catalog)
         return report
 
-    def _check_record(self, txn, record: EntryRecord, report: CheckReport,
-                      verify_latents: bool) -> None:
-        rid = record.entry_id
-        for step in record.steps:
-            raw = txn.get(dbm.latent_key(rid, step), db=self.db.latents)
-            if raw is None:
-                report.problems.append(f"entry {rid}: latent of step {step} missing")
-            elif verify_latents and checksum(raw) != record.checksums.get(str(step)):
-                report.problems.append(f"entry {rid}: latent of step {step} checksum mismatch")
-        for pos, item in enumerate(record.item_ids):
-            raw = txn.get(dbm.id_key(item), db=self.db.vectors)
-            if raw is None or dbm.parse_vector(raw)[:2] != (rid, pos):
-                report.problems.append(f"entry {rid}: entity vector {item} missing or foreign")
-        if txn.get(dbm.id_key(rid), db=self.db.prompts) is None:
-            report.problems.append(f"entry {rid}: prompt vector missing")
-
-    def _repair(self, orphans: dict[str, list[bytes]], report: CheckReport,
-                write_lock: threading.Lock, reload_catalog: Callable[[], None]) -> None:
+    def _repair(self, orphans: dict[str, list[bytes]], damaged: list[EntryRecord],
+                report: CheckReport, write_lock: threading.Lock,
+                reload_catalog: Callable[[], None]) -> None:
         dbs = {"latents": self.db.latents, "vectors": self.db.vectors,
                "prompts": self.db.prompts}
+        total = report.total_bytes - sum(r.bytes for r in damaged)
 
         def body(txn) -> None:
             for name, keys in orphans.items():
                 for key in keys:
                     txn.delete(key, db=dbs[name])
-            self.db.put_meta(txn, "total_bytes", report.total_bytes)
+            for record in damaged:  # what is left of them: their latents cannot be served
+                for step in record.steps:
+                    txn.delete(dbm.latent_key(record.entry_id, step), db=self.db.latents)
+                for item in record.item_ids:
+                    raw = txn.get(dbm.id_key(item), db=self.db.vectors)
+                    if raw is not None and dbm.parse_vector(raw)[0] == record.entry_id:
+                        txn.delete(dbm.id_key(item), db=self.db.vectors)
+                txn.delete(dbm.id_key(record.entry_id), db=self.db.prompts)
+                txn.delete(dbm.id_key(record.entry_id), db=self.db.entries)
+            self.db.put_meta(txn, "total_bytes", total)
 
         with write_lock:
             self.db.write(body)
         reload_catalog()
         self.rebuild()
+        if damaged:
+            report.repaired.append(f"evicted {len(damaged)} damaged entries "
+                                   f"({', '.join(str(r.entry_id) for r in damaged[:10])}"
+                                   f"{' …' if len(damaged) > 10 else ''})")
         report.repaired.append("deleted orphans, recomputed the total, rebuilt the index")

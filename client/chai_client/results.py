@@ -53,6 +53,8 @@ class GenerateResult:
     timings: dict[str, float]
     entities: list[str] | None = None
     inserted: dict[str, Any] | None = None
+    # Why a miss's latents were not cached (the daemon's store could not write them).
+    not_cached: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -64,7 +66,7 @@ class GenerateResult:
             frames=d["frames"], height=d["height"], width=d["width"], fps=d["fps"],
             seed=d["seed"], matched=Match.from_wire(d.get("matched")), timings=timings,
             entities=d.get("entities"), inserted=d.get("inserted"),
-            raw={k: v for k, v in d.items() if k != "video"},
+            not_cached=d.get("not_cached"), raw={k: v for k, v in d.items() if k != "video"},
         )
 
     def summary(self) -> dict[str, Any]:
@@ -78,7 +80,8 @@ class GenerateResult:
         return {"cache": self.cache, "steps": self.steps, "matched": matched,
                 "frames": self.frames, "height": self.height, "width": self.width,
                 "fps": self.fps, "seed": self.seed, "entities": self.entities,
-                "inserted": self.inserted, "timings": self.timings}
+                "inserted": self.inserted, "not_cached": self.not_cached,
+                "timings": self.timings}
 
 
 @dataclass(frozen=True)
