@@ -7,7 +7,9 @@ pytest loads them in.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tmpfs():
+    """Mount a tmpfs: ``with tmpfs(path, "4m", "ro"): ...`` (a small or read-only disk for
+    the fault tests); skips where mounting needs privileges this run lacks."""
+
+    @contextlib.contextmanager
+    def mount(path: Path, size: str, *options: str):
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ",".join((f"size={size}", *options))
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+    return mount

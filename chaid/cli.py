@@ -245,7 +245,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen sub-command's ``func``; return the exit status.
 
-    A ChaidError becomes one ``PROG: error: ...`` line and EXIT_USAGE, Ctrl-C exits 130:
+    A ChaidError becomes one ``PROG: error: ...`` line and its exit status (EXIT_USAGE
+    unless the error names another: 65 for a damaged store), Ctrl-C exits 130:
     no traceback for anything a user can cause.
     """
     args = parser.parse_args(argv)
@@ -257,7 +258,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
         return args.func(args)
     except ChaidError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

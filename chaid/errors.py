@@ -4,6 +4,9 @@
 class ChaidError(Exception):
     """Base of every error chaid reports to its user."""
 
+    # The command line's exit status for it (2: usage or setup; see chaid.cli).
+    exit_status = 2
+
 
 class ConfigError(ChaidError, ValueError):
     """A setting is unknown, of the wrong type, or out of range."""

@@ -21,6 +21,9 @@ class StoreCorruptError(StoreError):
     """The store's files are damaged (truncated, unreadable pages); the message says what
     is wrong and how to recover."""
 
+    # EX_DATAERR: restarting cannot help (the systemd unit does not restart on it).
+    exit_status = 65
+
 
 class CorruptEntryError(StoreError):
     """One entry's stored bytes fail their checks (checksum, length, dtype); it is

@@ -213,21 +213,7 @@ def test_meta_pages_are_read_without_lmdb(tmp_path):
         LatentCache(settings, embedder=TOY_EMBEDDER)
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, *options: str):
-    path.mkdir(parents=True, exist_ok=True)
-    opts = ",".join((f"size={size}", *options))
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def test_full_disk_is_store_full_and_loses_nothing(tmp_path):
+def test_full_disk_is_store_full_and_loses_nothing(tmp_path, tmpfs):
     with tmpfs(tmp_path / "fs", "4m") as fs:
         settings = toy_settings(fs, map_bytes=8 << 20)
         with LatentCache(settings, embedder=TOY_EMBEDDER) as cache:
@@ -250,7 +236,7 @@ def test_full_disk_is_store_full_and_loses_nothing(tmp_path):
             assert_intact(cache)
 
 
-def test_unwritable_data_dir_is_one_clear_error(tmp_path):
+def test_unwritable_data_dir_is_one_clear_error(tmp_path, tmpfs):
     with tmpfs(tmp_path / "ro", "1m", "ro") as ro:
         settings = toy_settings(ro)
         with pytest.raises(StoreError, match="cannot create the store in .*Read-only file "
