@@ -100,6 +100,11 @@ class ServerSettings:
     # daemon's own user. Admins must also be allowed.
     admin_users: tuple[str, ...] = ()
     admin_groups: tuple[str, ...] = ()
+    # Whether every allowed user may read every cached prompt: true, cache.list shows all
+    # entries and a hit names the cached prompt and entities. false: a non-admin sees the
+    # prompts of the entries its own uid made and no other (a hit on another user's entry
+    # reports its id and score, not its text); the cache itself stays shared.
+    share_prompts: bool = True
     # Largest request frame accepted. Requests carry a prompt and a few numbers; 1 MiB is
     # generous and bounds the memory a hostile client can make the daemon buffer.
     max_message_bytes: int = 1 << 20

@@ -208,8 +208,10 @@ class ChaiEngine:
         result = self.pipeline.generate(req, on_step)
         return ChaiOutcome(result, outcome, req, lookup, timings_ms=timings)
 
-    def insert(self, outcome: ChaiOutcome) -> InsertResult | None:
-        """Write a miss's captured latents to the cache (no-op for hits and plain runs)."""
+    def insert(self, outcome: ChaiOutcome, owner_uid: int | None = None
+               ) -> InsertResult | None:
+        """Write a miss's captured latents to the cache (no-op for hits and plain runs);
+        ``owner_uid``, the uid that asked, is kept in the entry (``server.share_prompts``)."""
         if not outcome.outcome.writes_cache or not outcome.result.captured:
             return None
         t0 = time.perf_counter()
@@ -218,7 +220,8 @@ class ChaiEngine:
             inserted = self.store.insert(
                 req.prompt, outcome.result.captured, self.fingerprint,
                 extra={"frames": req.frames, "height": req.height, "width": req.width,
-                       "seed": req.seed, "steps": outcome.result.steps},
+                       "seed": req.seed, "steps": outcome.result.steps,
+                       "owner_uid": owner_uid},
             )
         except StoreError as exc:  # a full disk, a damaged page: the video still goes back
             log.error("the latents of %r were not cached: %s", req.prompt[:80], exc)

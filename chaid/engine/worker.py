@@ -59,6 +59,8 @@ class Job:
     mode: CacheMode
     # Called in the trio thread before each denoising step: (step, steps, t).
     on_progress: ProgressCallback | None = None
+    # Who asked (the peer's uid): a miss's entry records it as its owner.
+    owner_uid: int | None = None
     state: JobState = JobState.QUEUED
     outcome: ChaiOutcome | None = None
     error: BaseException | None = None
@@ -148,6 +150,7 @@ class DeviceWorker:
                     # latents, and the write is atomic anyway.
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(self.engine.insert, outcome,
+                                                      job.owner_uid,
                                                       limiter=self.lookup_limiter)
                 job.outcome = outcome
         except Exception as exc:  # reported to the client; the worker keeps serving

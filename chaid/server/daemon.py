@@ -220,7 +220,7 @@ class Daemon:
             def on_progress(step: int, steps: int, t: float) -> None:
                 conn.notify("progress", {"request_id": req.id, "step": step, "steps": steps,
                                          "t": round(t, 3)})
-        job = Job(request, mode, on_progress)
+        job = Job(request, mode, on_progress, owner_uid=conn.peer.uid)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -294,7 +294,7 @@ class Daemon:
             "seed": outcome.request.seed,
             "prompt": outcome.request.prompt,
             "entities": list(outcome.lookup.entities) if outcome.lookup else None,
-            "matched": outcome.matched(),
+            "matched": await self._redacted_match(conn, outcome.matched()),
             "inserted": None if inserted is None else {
                 "entry_id": inserted.entry_id, "bytes": inserted.bytes,
                 "evicted": inserted.evicted},
@@ -341,13 +341,22 @@ class Daemon:
         lookup = await trio.to_thread.run_sync(
             lambda: self.engine.lookup(request, touch=False), limiter=self.lookup_limiter)
         out = lookup_as_dict(lookup)
+        if lookup.hit and not await self._may_read(conn, lookup.entry_id):
+            out["cached_prompt"] = None
+            for match in out["matches"]:
+                match["cached"] = None
         out["latent_shape"] = list(self.engine.latent_shape(request))
         out["fingerprint"] = self.engine.fingerprint
         return out
 
     async def cache_list(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
+        private = self._private_for(conn)
+
         def read() -> list[dict[str, Any]]:
             records = sorted(self.engine.store.records(), key=lambda r: -r.last_access)
+            if private:
+                records = [r for r in records if _owner(r) == conn.peer.uid]
+            total[0] = len(records)
             if p["limit"]:
                 records = records[: p["limit"]]
             return [{"id": r.entry_id, "prompt": r.prompt, "entities": list(r.entities),
@@ -355,8 +364,37 @@ class Daemon:
                      "last_access": r.last_access, "shape": list(r.shape),
                      "fingerprint": r.fingerprint} for r in records]
 
+        total = [0]
         entries = await trio.to_thread.run_sync(read, limiter=self.lookup_limiter)
-        return {"entries": entries, "total": len(self.engine.store)}
+        return {"entries": entries, "total": total[0]}
+
+    # -- prompt privacy (server.share_prompts) -----------------------------------------------
+
+    def _private_for(self, conn: Connection) -> bool:
+        """Whether ``conn`` may read only its own entries' prompts."""
+        return not self.settings.server.share_prompts and not conn.admin
+
+    async def _may_read(self, conn: Connection, entry_id: int | None) -> bool:
+        if not self._private_for(conn) or entry_id is None:
+            return True
+
+        def owner() -> int | None:
+            try:
+                return _owner(self.engine.store.get_record(entry_id))
+            except StoreError:  # evicted since: nothing to show
+                return None
+
+        return await trio.to_thread.run_sync(owner, limiter=self.lookup_limiter) == \
+            conn.peer.uid
+
+    async def _redacted_match(self, conn: Connection, matched: dict[str, Any] | None
+                              ) -> dict[str, Any] | None:
+        """A hit's matched entry, without its prompt and entity texts when ``conn`` may not
+        read them."""
+        if matched is None or await self._may_read(conn, matched["entry_id"]):
+            return matched
+        return {**matched, "prompt": None,
+                "entities": [{**e, "cached": None} for e in matched["entities"]]}
 
     async def cache_evict(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
         ids = p["entry_ids"]
@@ -521,6 +559,12 @@ def run(settings: Settings) -> int:
             log.debug("start-up failed", exc_info=exc)
         raise _one_error(BaseExceptionGroup("start-up", [
             ChaidError(_os_message(exc)) for exc in _leaves(group)])) from None
+
+
+def _owner(record: Any) -> int | None:
+    """The uid whose miss made a cache entry (None: made before owners were recorded)."""
+    uid = record.extra.get("owner_uid")
+    return uid if isinstance(uid, int) else None
 
 
 def _os_message(exc: OSError) -> str:

@@ -9,7 +9,9 @@ from typing import Any
 @dataclass(frozen=True)
 class EntityMatch:
     query: str  # entity of the new prompt
-    cached: str  # entity of the cached prompt it matched
+    # Entity of the cached prompt it matched; None when the daemon keeps other users'
+    # prompts private (server.share_prompts = false) and the entry is not yours.
+    cached: str | None
     cosine: float
 
 
@@ -18,7 +20,7 @@ class Match:
     """The cache entry a hit reused, and why."""
 
     entry_id: int
-    prompt: str
+    prompt: str | None  # None: another user's entry, kept private by the daemon
     score: float
     entities: list[EntityMatch]
 

@@ -32,10 +32,11 @@ rate_burst = 5
 
 # Settings of the connection-limits daemon (tests/server/test_limits.py): every limit small
 # enough to reach in a second, and timeouts of seconds instead of minutes. "nobody" and
-# "bin" (uid 2) are two ordinary users for the per-user cap.
+# "bin" (uid 2) are two ordinary users for the per-user cap and for prompt privacy.
 LIMITS_CONFIG = """
 [server]
 socket_mode = "0666"
+share_prompts = false
 allowed_users = ["nobody", "2"]
 max_connections = 10
 max_connections_per_user = 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -146,3 +147,40 @@ def call(sock: socket.socket, method: str, params: Any = None, msgid: int = 1) -
         frame = reader.next()
         if frame is None or frame[0] == 1:
             return frame
+
+
+def as_user(uid: int, socket_path, method: str | None, params: dict, times: int = 1):
+    """Call a method from a child process running as ``uid``; returns the error or result
+    (a list of them when ``times`` > 1: the requests are pipelined on one connection)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to uid, one request, report through the pipe
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with raw_connect(socket_path, timeout=10) as s:
+                if method is None:  # send nothing: what does the daemon say unasked?
+                    frame = Reader(s).next()
+                    out = msgpack.packb([frame[1], frame[2]["code"], Reader(s).next()])
+                elif times == 1:
+                    frame = call(s, method, params)
+                    out = msgpack.packb(frame[2] or {"result": frame[3]})
+                else:
+                    for i in range(times):
+                        send(s, method, params, msgid=i)
+                    reader = Reader(s)
+                    frames = [reader.next() for _ in range(times)]
+                    out = msgpack.packb([f[2]["code"] if f[2] else "ok" for f in frames])
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            out = msgpack.packb({"code": "child", "message": repr(exc)})
+        os.write(w, struct.pack("I", len(out)) + out)
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return msgpack.unpackb(data[4:])

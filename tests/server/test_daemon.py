@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from daemonkit import LONG, Reader, call, raw_connect, send
+from daemonkit import LONG, Reader, as_user, call, raw_connect, send
 
 from chai_client import AsyncClient, BusyError, Client, InvalidParams, RpcError
 from chaid import protocol
@@ -315,43 +314,6 @@ def test_daemon_and_cache_survive_hostile_input(shared_daemon):
 # -- access control -------------------------------------------------------------------------
 
 
-def _as_user(uid: int, socket_path, method: str | None, params: dict, times: int = 1):
-    """Call a method from a child process running as ``uid``; returns the error or result
-    (a list of them when ``times`` > 1: the requests are pipelined on one connection)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop to uid, one request, report through the pipe
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            with raw_connect(socket_path, timeout=10) as s:
-                if method is None:  # send nothing: what does the daemon say unasked?
-                    frame = Reader(s).next()
-                    out = msgpack.packb([frame[1], frame[2]["code"], Reader(s).next()])
-                elif times == 1:
-                    frame = call(s, method, params)
-                    out = msgpack.packb(frame[2] or {"result": frame[3]})
-                else:
-                    for i in range(times):
-                        send(s, method, params, msgid=i)
-                    reader = Reader(s)
-                    frames = [reader.next() for _ in range(times)]
-                    out = msgpack.packb([f[2]["code"] if f[2] else "ok" for f in frames])
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            out = msgpack.packb({"code": "child", "message": repr(exc)})
-        os.write(w, struct.pack("I", len(out)) + out)
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return msgpack.unpackb(data[4:])
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching uid needs root")
 def test_peer_credentials(shared_daemon):
     nobody, daemon_uid = 65534, 1
@@ -359,16 +321,16 @@ def test_peer_credentials(shared_daemon):
         with Client(shared_daemon.socket) as c:
             c.generate(RED)
     before = entries(shared_daemon)
-    allowed = _as_user(nobody, shared_daemon.socket, "ping", {})
+    allowed = as_user(nobody, shared_daemon.socket, "ping", {})
     assert allowed.get("result", {}).get("pong"), allowed
-    denied = _as_user(daemon_uid, shared_daemon.socket, "ping", {})
+    denied = as_user(daemon_uid, shared_daemon.socket, "ping", {})
     assert denied["code"] == "forbidden", denied
     # Refused at accept: a silent connection of a refused uid holds no slot.
-    assert _as_user(daemon_uid, shared_daemon.socket, None, {}) == [None, "forbidden", None]
-    not_admin = _as_user(nobody, shared_daemon.socket, "cache.clear", {})
+    assert as_user(daemon_uid, shared_daemon.socket, None, {}) == [None, "forbidden", None]
+    not_admin = as_user(nobody, shared_daemon.socket, "cache.clear", {})
     assert not_admin["code"] == "forbidden", not_admin
     time.sleep(5)  # refill nobody's bucket (1 request/s, bursts of 5)
-    codes = _as_user(nobody, shared_daemon.socket, "stats", {}, times=8)
+    codes = as_user(nobody, shared_daemon.socket, "stats", {}, times=8)
     assert codes.count("ok") in (5, 6) and "too_many_requests" in codes, codes
     assert entries(shared_daemon) == before >= 1  # nothing was cleared
 

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
-from daemonkit import LONG, Reader, call, raw_connect, send
+from daemonkit import LONG, Reader, as_user, call, raw_connect, send
 
 from chai_client import AsyncClient, BusyError, Client
 from chaid.server.connection import OUTGOING_BYTES
@@ -308,3 +308,32 @@ def test_client_that_never_reads_is_dropped_without_blocking_others(limits_daemo
     assert growth < 2 * (bound + 1) * LONG_FRAME_BYTES + 32 * 2**20, growth
     with Client(daemon.socket, timeout=10) as c:
         assert c.ping()["pong"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching uid needs root")
+def test_prompts_are_private_when_not_shared(limits_daemon):
+    """share_prompts = false: each user lists only the entries its misses made, and a hit
+    on another user's entry names neither its prompt nor its entities; admins see all.
+    The cache itself stays shared (the hit happens)."""
+    nobody, bin_uid = 65534, 2
+    secret = "a crimson octagon drifting over a frozen lake"
+    made = as_user(nobody, limits_daemon.socket, "generate", {"prompt": secret})
+    entry = made["result"]["inserted"]["entry_id"]
+    own = as_user(nobody, limits_daemon.socket, "cache.list", {})["result"]
+    assert [e["prompt"] for e in own["entries"]] == [secret] and own["total"] == 1
+
+    other = as_user(bin_uid, limits_daemon.socket, "generate",
+                    {"prompt": "a teal circle over a frozen lake", "format": "frames"})
+    matched = other["result"]["matched"]
+    assert other["result"]["cache"] == "hit" and matched["entry_id"] == entry
+    assert matched["prompt"] is None and {e["cached"] for e in matched["entities"]} == {None}
+    looked = as_user(bin_uid, limits_daemon.socket, "cache.lookup",
+                     {"prompt": "a frozen lake at dawn"})["result"]
+    assert looked["hit"] and looked["entry_id"] == entry and looked["cached_prompt"] is None
+    assert {m["cached"] for m in looked["matches"]} == {None}
+    listed = as_user(bin_uid, limits_daemon.socket, "cache.list", {})["result"]
+    assert listed == {"entries": [], "total": 0}
+
+    with Client(limits_daemon.socket) as c:  # root: an admin
+        assert secret in [e["prompt"] for e in c.cache_list()]
+        assert c.lookup("a frozen lake at dawn").cached_prompt == secret
