@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 SHAPES_DIT_STAGE2_STEPS ?= 8000
 SHAPES_DIT_STAGE3_STEPS ?= 4500
 
-.PHONY: setup demo test product-check lint gpu-check results shapes-eval shapes-dit clean
+.PHONY: setup demo test product-check lint stress gpu-check results shapes-eval shapes-dit clean
 
 $(VENV)/.installed: pyproject.toml client/pyproject.toml lab/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ gpu-check: setup
 	$(PY) -m pytest -q -rs -m gpu tests/kernels tests/models
 	$(PY) -m chaid_lab.bench.kernel
 	$(PY) -m chaid_lab.gpu_check
+
+# The reliability suite of docs/reliability.md: writer and daemon SIGKILLs, 100,000 fuzzed
+# frames, load, admission and damaged-store faults against real processes (~15 min).
+stress: setup
+	$(PY) tests/stress/run.py --json out/stress.json
 
 # Every table and plot of docs/results.md (about an hour on a 2-core CPU; `--quick` for minutes).
 results: setup
