@@ -18,6 +18,7 @@ from pathlib import Path
 from chaid import __version__
 from chaid.config import MODEL_CFG_SCALE, load_settings
 from chaid.errors import ChaidError
+from chaid.numerics import NUMERICS_CHOICES
 from chaid.server.cli import register_serve
 from chaid.store.cli import register_cache
 
@@ -35,6 +36,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, help="local weights directory or .safetensors file")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype")
+    p.add_argument("--numerics", choices=NUMERICS_CHOICES,
+                   help="round as upstream OpenSora's inference or exactly (default: auto, the "
+                        "preset's; docs/opensora.md)")
 
 
 def _settings_from(args: argparse.Namespace):
@@ -46,6 +50,7 @@ def _settings_from(args: argparse.Namespace):
                 "weights": args.weights,
                 "device": args.device,
                 "dtype": args.dtype,
+                "numerics": args.numerics,
             },
             "sampler": {"steps": args.steps, "cfg_scale": args.cfg_scale},
         },

@@ -28,6 +28,7 @@ from chaid.limits import (
     MAX_STEPS,
     RequestLimits,
 )
+from chaid.numerics import NUMERICS_CHOICES
 from chaid.store.errors import StoreError
 from chaid.store.settings import StoreSettings
 
@@ -50,6 +51,10 @@ class ModelSettings:
     # What happens to that text encoder after each prompt is encoded: "keep" it on the
     # device, "offload" it to the CPU until the next prompt, or "free" it (reloaded on use).
     text_after_encode: str = "keep"
+    # How the model's arithmetic rounds: "upstream" as OpenSora 1.2's own bf16 inference
+    # (its weights were trained through those roundings), "exact" in float32, "auto" the
+    # preset's (upstream for OpenSora presets, exact for those trained here).
+    numerics: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,7 @@ class Settings:
         check_choice("model.text_after_encode", self.model.text_after_encode, TEXT_AFTER_ENCODE,
                      ConfigError)
         check_choice("model.dtype", self.model.dtype, sorted(DTYPE_NAMES), ConfigError)
+        check_choice("model.numerics", self.model.numerics, NUMERICS_CHOICES, ConfigError)
         check_int("sampler.steps", self.sampler.steps, 1, MAX_STEPS, ConfigError)
         if self.sampler.cfg_scale is not None:
             check_number("sampler.cfg_scale", self.sampler.cfg_scale, 0.0, MAX_CFG_SCALE,

@@ -20,7 +20,7 @@ from chaid.checks import check_int, check_number
 from chaid.config import MODEL_CFG_SCALE, ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention
 from chaid.engine.intra_cache import IntraCacheSettings, make_intra_cache
-from chaid.engine.sampler import Guidance, StepHook, sample, schedule, transform_ratio
+from chaid.engine.sampler import Guidance, StepHook, run_schedule, sample
 from chaid.errors import InputError
 from chaid.limits import (
     MAX_CFG_SCALE,
@@ -34,6 +34,7 @@ from chaid.limits import (
 )
 from chaid.models import ModelParts, build_parts
 from chaid.modes import RunKind, steps_for
+from chaid.numerics import Numerics, as_seen
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Pipeline:
             dtype=DTYPES[settings.model.dtype],
             text_dtype=DTYPES[settings.model.text_dtype],
             text_after_encode=settings.model.text_after_encode,
+            numerics=settings.model.numerics,
         )
         return cls(parts, device, settings.chai)
 
@@ -218,12 +220,25 @@ class Pipeline:
         return self.generate(self.for_run(GenerationRequest(prompt, **fields), RunKind.FAST,
                                           cached))
 
+    def seen_size(self, request: GenerationRequest) -> tuple[float, float]:
+        """The height and width the DiT's position embedding sees: the request's, or with
+        upstream numerics as a model-dtype tensor holds them (854 is 856 in bf16)."""
+        if self.parts.numerics is not Numerics.UPSTREAM:
+            return request.height, request.width
+        dtype = self.parts.dit.x_embedder.proj.weight.dtype
+        return as_seen(request.height, dtype), as_seen(request.width, dtype)
+
     def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
         """z_1 for a resolved request: drawn on the CPU from the seed, so every device
-        starts from the same noise."""
+        starts from the same noise. With upstream numerics it is rounded to the model
+        dtype, as upstream draws it in that dtype (its values differ: upstream draws on the
+        device from a global seed)."""
         shape = self.parts.vae.latent_shape(request.frames, request.height, request.width)
         gen = torch.Generator(device="cpu").manual_seed(request.seed)
-        return torch.randn((1, *shape), generator=gen).to(self.device)
+        noise = torch.randn((1, *shape), generator=gen)
+        if self.parts.numerics is Numerics.UPSTREAM:
+            noise = noise.to(self.parts.dit.x_embedder.proj.weight.dtype).float()
+        return noise.to(self.device)
 
     @torch.inference_mode()
     def generate(
@@ -244,8 +259,7 @@ class Pipeline:
                 parts.dit,
                 req.cache_latents,
                 self.chai,
-                req.height,
-                req.width,
+                *self.seen_size(req),
                 req.cfg_scale is not None,
             )
             attention.check(latent_shape)
@@ -275,12 +289,15 @@ class Pipeline:
             z_start = req.start_latent.to(self.device, torch.float32)[None]
         else:
             z_start = self.initial_noise(req)
-        ratio = transform_ratio(
-            req.height, req.width, z_start.shape[2], parts.dit.cfg.input_sq_size
+        dtype = parts.dit.x_embedder.proj.weight.dtype
+        timesteps = run_schedule(
+            req.steps, height=req.height, width=req.width, frames=req.frames,
+            latent_frames=z_start.shape[2], numerics=parts.numerics, size_dtype=dtype,
+            base_side=parts.dit.cfg.input_sq_size,
         )
-        timesteps = schedule(req.steps, ratio)
         # 3. denoise
-        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, req.height, req.width)
+        height, width = self.seen_size(req)
+        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, height, width)
         z = sample(velocity, z_start, timesteps, hook, start_step=req.start_step)
         sync()
         t_denoised = time.perf_counter()

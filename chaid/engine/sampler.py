@@ -18,6 +18,7 @@ import torch
 
 from chaid.models.stdit3 import BlockAttnPlan, BlockRunner, STDiT3
 from chaid.models.text import TextEmbedding
+from chaid.numerics import Numerics
 
 # Training timesteps of OpenSora 1.2; t is continuous in [0, NUM_TIMESTEPS].
 NUM_TIMESTEPS = 1000
@@ -35,6 +36,67 @@ def timestep_transform(t: float, ratio: float) -> float:
     """Map t in [0, 1000] through t' = r·s / (1 + (r-1)·s), s = t/1000."""
     s = t / NUM_TIMESTEPS
     return ratio * s / (1 + (ratio - 1) * s) * NUM_TIMESTEPS
+
+
+def upstream_schedule(
+    num_steps: int,
+    height: int,
+    width: int,
+    frames: int,
+    latent_frames: int,
+    size_dtype: torch.dtype,
+    base_side: int = 512,
+) -> list[float]:
+    """The timesteps upstream's sampler feeds the model, to the fp32 bit.
+
+    Its inference script holds height, width and frame count in tensors of the model dtype,
+    so in bfloat16 the ratio r is computed in bf16 (240p 51 frames: 2.421875 against the
+    exact 2.41872; a width of 854 is held as 856), while t and the transform itself run in
+    float32.
+
+    The frame count is upstream's ``frames // 17 * 5``, its VAE's rate for whole 17-frame
+    chunks (1 for an image). That agrees with the VAE at the trained lengths (multiples of
+    17) and counts only whole chunks otherwise (60 frames: 15, the VAE makes 18). Below 17
+    frames upstream's count is 0, which makes r = 0, a NaN first timestep and every other
+    0 (nothing is denoised); there the real count, ``latent_frames``, is used.
+    """
+    if num_steps < 1:
+        raise ValueError("num_steps must be at least 1")
+    h = torch.tensor([float(height)], dtype=size_dtype)
+    w = torch.tensor([float(width)], dtype=size_dtype)
+    count = torch.tensor([float(frames)], dtype=size_dtype)
+    if 1 < frames < 17:
+        count = torch.tensor([float(latent_frames)], dtype=size_dtype)
+    elif frames != 1:
+        count = count // 17 * 5
+    else:
+        count = torch.ones_like(count)
+    ratio = (h * w / (base_side * base_side)).sqrt() * count.sqrt() * 1.0
+    out = []
+    for i in range(num_steps):
+        t = torch.tensor([(1.0 - i / num_steps) * NUM_TIMESTEPS]) / NUM_TIMESTEPS
+        out.append(float((ratio * t / (1 + (ratio - 1) * t) * NUM_TIMESTEPS)[0]))
+    return out
+
+
+def run_schedule(
+    num_steps: int,
+    *,
+    height: int,
+    width: int,
+    frames: int,
+    latent_frames: int,
+    numerics: Numerics,
+    size_dtype: torch.dtype,
+    base_side: int = 512,
+) -> list[float]:
+    """The timesteps of a run of ``frames`` × ``height`` × ``width`` whose latent has
+    ``latent_frames`` frames: upstream's (:func:`upstream_schedule`) or the exact one (r
+    from the real latent count, in float64)."""
+    if numerics is Numerics.UPSTREAM:
+        return upstream_schedule(num_steps, height, width, frames, latent_frames, size_dtype,
+                                 base_side)
+    return schedule(num_steps, transform_ratio(height, width, latent_frames, base_side))
 
 
 def schedule(num_steps: int, ratio: float | None = None) -> list[float]:

@@ -24,11 +24,13 @@ from chaid.models.stdit3 import STDiT3, STDiT3Config
 from chaid.models.text import HashTextEncoder, MiniLMTextEncoder, TextEncoder
 from chaid.models.vae import PoolingAutoencoder, VideoAutoencoder
 from chaid.models.weights import load_weights
+from chaid.numerics import Numerics
 
 __all__ = [
     "PRESETS",
     "ModelParts",
     "ModelSpec",
+    "Numerics",
     "STDiT3",
     "STDiT3Config",
     "build_model",
@@ -61,6 +63,10 @@ class ModelSpec:
     # vae/, t5/): its text encoder and VAE load from that directory. None: a one-file DiT
     # checkpoint and the two factories above.
     opensora_vae: OpenSoraVAEConfig | None = None
+    # How the model's arithmetic rounds by default (chaid/numerics.py): OpenSora's
+    # presets as upstream's bf16 inference (the weights were trained that way), presets
+    # trained here exactly.
+    numerics: Numerics = Numerics.EXACT
 
 
 def _hash_encoder(cfg: STDiT3Config) -> TextEncoder:
@@ -94,6 +100,7 @@ PRESETS: dict[str, ModelSpec] = {
         width=426,
         fps=24,
         opensora_vae=OpenSoraVAEConfig(),
+        numerics=Numerics.UPSTREAM,
     ),
     "opensora-tiny": ModelSpec(
         name="opensora-tiny",
@@ -113,6 +120,7 @@ PRESETS: dict[str, ModelSpec] = {
             ),
             temporal=TemporalVAEConfig(filters=8, num_res_blocks=1, num_groups=4),
         ),
+        numerics=Numerics.UPSTREAM,
     ),
     "tiny-shapes": ModelSpec(
         name="tiny-shapes",
@@ -171,6 +179,7 @@ def build_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    numerics: Numerics | str | None = None,
     **config_overrides: Any,
 ) -> STDiT3:
     """Build the STDiT3 of a preset, optionally with some config fields replaced.
@@ -182,6 +191,7 @@ def build_model(
             initialises the weights from ``seed`` (or leaves them unallocated on meta).
         device: where the model lives; "meta" builds shapes only.
         dtype: parameter dtype.
+        numerics: how the timestep and rotary embedding round; None: the preset's.
         config_overrides: STDiT3Config fields to replace (e.g. depth=2 for a reduced copy).
 
     Raises:
@@ -209,12 +219,14 @@ def build_model(
             device=device,
             dtype=dtype,
         )
-        return model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device("meta" if device.type == "meta" else "cpu"):
-            model = STDiT3(cfg)
-    return model.to(device=device, dtype=dtype).eval()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device("meta" if device.type == "meta" else "cpu"):
+                model = STDiT3(cfg)
+        model = model.to(device=device, dtype=dtype)
+    model.numerics = spec.numerics if numerics in (None, "auto") else numerics
+    return model.eval()
 
 
 @dataclass
@@ -225,6 +237,8 @@ class ModelParts:
     dit: STDiT3
     text_encoder: TextEncoder
     vae: VideoAutoencoder
+    # How the DiT, the VAE and the schedule round (the preset's unless overridden).
+    numerics: Numerics = Numerics.EXACT
 
 
 def build_parts(
@@ -236,6 +250,7 @@ def build_parts(
     init: bool = False,
     text_dtype: torch.dtype = torch.float32,
     text_after_encode: str = "keep",
+    numerics: Numerics | str | None = None,
 ) -> ModelParts:
     """Build the DiT, text encoder and VAE of a preset; checks that they fit together.
 
@@ -247,8 +262,11 @@ def build_parts(
     lists whatever is missing before anything loads). Their T5 runs on ``device`` in
     ``text_dtype`` (OpenSora's is fp32); ``text_after_encode``
     is "keep", "offload" or "free" (see chaid.models.t5). The VAE takes ``dtype``.
+    ``numerics`` ("upstream" or "exact"; None or "auto": the preset's) applies to every
+    part and to the pipeline's schedule (chaid/numerics.py).
     """
     spec = get_spec(name)
+    numerics = spec.numerics if numerics in (None, "auto") else Numerics(numerics)
     if spec.opensora_vae is not None:
         if weights is None:
             raise WeightsError(
@@ -264,13 +282,15 @@ def build_parts(
             text_dtype=text_dtype,
             text_after_encode=text_after_encode,
             model=name,
+            numerics=numerics,
         )
     else:
         text_encoder = spec.text_encoder(spec.dit)
         vae = spec.vae()
     if weights is None and not init and spec.dit_weights is not None and spec.dit_weights.is_file():
         weights = spec.dit_weights
-    dit = build_model(name, None if init else weights, device=device, dtype=dtype)
+    dit = build_model(name, None if init else weights, device=device, dtype=dtype,
+                      numerics=numerics)
     cfg = dit.cfg
     if (text_encoder.dim, text_encoder.max_length) != (cfg.caption_channels, cfg.model_max_length):
         raise ChaidError(
@@ -281,4 +301,5 @@ def build_parts(
         raise ChaidError(
             f"VAE has {vae.latent_channels} latent channels, the DiT {cfg.in_channels}"
         )
-    return ModelParts(spec=spec, dit=dit, text_encoder=text_encoder, vae=vae)
+    return ModelParts(spec=spec, dit=dit, text_encoder=text_encoder, vae=vae,
+                      numerics=numerics)

@@ -32,6 +32,7 @@ from chaid.models.weights import (
     model_shapes,
     read_header,
 )
+from chaid.numerics import Numerics
 
 # Sub-directories of a weights directory, one per part.
 STDIT_DIR = DIT_SUBDIR
@@ -113,10 +114,11 @@ def build_opensora_parts(
     text_dtype: torch.dtype = torch.float32,
     text_after_encode: str = "keep",
     model: str = "opensora-1.2",
+    numerics: Numerics | str = Numerics.UPSTREAM,
 ) -> tuple[T5TextEncoder, OpenSoraVAE]:
     """The T5 encoder (on ``device`` in ``text_dtype``) and the VAE (strictly, on ``device``
-    in ``dtype``) of a complete weights directory, both loaded now: a daemon that reports
-    ready has every part in memory.
+    in ``dtype``, normalising with ``numerics``) of a complete weights directory, both
+    loaded now: a daemon that reports ready has every part in memory.
 
     Raises WeightsError naming everything missing, or any tensor of the VAE that does not
     match, before the DiT is touched."""
@@ -128,7 +130,8 @@ def build_opensora_parts(
         dtype=text_dtype,
         after_encode=text_after_encode,
     )
-    vae_model = build_opensora_vae(vae, root / VAE_DIR, device=device, dtype=dtype)
+    vae_model = build_opensora_vae(vae, root / VAE_DIR, device=device, dtype=dtype,
+                                   numerics=numerics)
     text.load()
     return text, vae_model
 

@@ -27,6 +27,7 @@ from torch import nn
 from chaid import interrupt
 from chaid.errors import InputError, WeightsError
 from chaid.models.weights import load_weights
+from chaid.numerics import Numerics
 
 # --------------------------------------------------------------------------------------
 # Config
@@ -372,6 +373,15 @@ class OpenSoraVAE(nn.Module):
         self.register_buffer(
             "shift", torch.tensor(cfg.shift, dtype=torch.float32).view(1, c, 1, 1, 1)
         )
+        # UPSTREAM: the normalisation runs in the model dtype with scale and shift rounded
+        # to it, as upstream's pipeline (whose buffers are cast with the model) does; EXACT:
+        # in float32. The buffers themselves stay float32 either way.
+        self.numerics = Numerics.EXACT
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z, scale, shift) in the dtype the normalisation runs in."""
+        dtype = self.dtype if self.numerics is Numerics.UPSTREAM else torch.float32
+        return like.to(dtype), self.scale.to(dtype), self.shift.to(dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -399,9 +409,9 @@ class OpenSoraVAE(nn.Module):
             chunk = x[:, :, start : start + n]
             out.append(self.temporal_vae.encode(chunk, self.cfg.logvar_range, generator))
             start += n
-        z = torch.cat(out, dim=2).float()
+        z, scale, shift = self._stats(torch.cat(out, dim=2))
         # 3. per-channel normalisation
-        return (z - self.shift.float()) / self.scale.float()
+        return ((z - shift) / scale).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, frames: int) -> torch.Tensor:
@@ -415,7 +425,8 @@ class OpenSoraVAE(nn.Module):
                 f"a latent of {z.shape[2]} frames does not decode to {frames} video frames"
             )
         # 1. undo the normalisation
-        z = (z.float() * self.scale.float() + self.shift.float()).to(self.dtype)
+        z, scale, shift = self._stats(z)
+        z = (z * scale + shift).to(self.dtype)
         # 2. the temporal VAE, chunk by chunk (17 frames from 5 latents)
         tf = self.cfg.temporal.time_factor
         out, start = [], 0
@@ -436,11 +447,13 @@ def build_opensora_vae(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    numerics: Numerics | str = Numerics.EXACT,
 ) -> OpenSoraVAE:
     """VAE v1.2 with weights loaded strictly from ``weights`` (a directory with
     model.safetensors or the file), or seeded random weights; "meta" builds shapes only.
 
-    ``scale`` and ``shift`` stay fp32 whatever ``dtype`` is.
+    ``scale`` and ``shift`` are stored in fp32 whatever ``dtype`` is; ``numerics`` says
+    in which dtype the normalisation runs (see ``OpenSoraVAE.numerics``).
 
     Raises:
         WeightsError: missing, unexpected or wrongly shaped tensors (all named).
@@ -454,6 +467,7 @@ def build_opensora_vae(
         load_weights(vae, weights, device=device, dtype=dtype)
         vae.scale.data = vae.scale.data.float()
         vae.shift.data = vae.shift.data.float()
+        vae.numerics = Numerics(numerics)
         return vae.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -463,6 +477,7 @@ def build_opensora_vae(
     if device.type != "meta":
         vae.scale.data = vae.scale.data.float()
         vae.shift.data = vae.shift.data.float()
+    vae.numerics = Numerics(numerics)
     return vae.eval()
 
 

@@ -11,7 +11,9 @@ The forward pass, in order:
   1. patch-embed the latent (right-padding H and W to the patch size), tokens ordered T, H, W
   2. add the 2D sin-cos position embedding (same for every frame; no temporal embedding)
   3. embed t and fps ([cos, sin] sinusoids through an MLP), sum them, and derive the six
-     adaLN-single modulation rows shared by all blocks (t_block)
+     adaLN-single modulation rows shared by all blocks (t_block); with upstream numerics
+     (chaid/numerics.py) t is first rounded to the model dtype, as upstream's
+     forward does
   4. project the caption states; padded caption tokens are masked out of cross-attention
   5. alternate spatial and temporal blocks
   6. final layer (modulated by the raw t+fps embedding) and unpatchify
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chaid import interrupt
+from chaid.numerics import Numerics
 
 # --------------------------------------------------------------------------------------
 # Config
@@ -119,12 +122,19 @@ class RotaryEmbedding(nn.Module):
 
     Frequencies are recomputed, not stored: checkpoints may carry ``rope.freqs`` and the
     loader checks it against these values.
+
+    ``in_input_dtype`` (set with upstream numerics) rotates as OpenSora's rotary library
+    does in a bf16 model: its frequencies are a parameter cast with the model, positions
+    are built in the input's dtype, and the angles, their cos/sin and the rotation are
+    computed in that dtype (an angle of 29 rad is held to 0.125 in bf16). Otherwise the
+    rotation is computed in float32 and rounded once.
     """
 
     def __init__(self, dim: int, theta: float = 10000.0) -> None:
         super().__init__()
         self.dim = dim
         self.theta = theta
+        self.in_input_dtype = False
 
     def freqs(self, device: torch.device | None = None) -> torch.Tensor:
         return 1.0 / (
@@ -135,11 +145,14 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x of shape (..., N, D) by position 0..N-1 along the second-to-last dim."""
         n = x.shape[-2]
-        pos = torch.arange(n, dtype=torch.float32, device=x.device)
-        angles = torch.outer(pos, self.freqs(x.device)).repeat_interleave(2, dim=-1)  # (N, D)
-        x_pairs = x.float().unflatten(-1, (-1, 2))
+        dtype = x.dtype if self.in_input_dtype else torch.float32
+        pos = torch.arange(n, dtype=dtype, device=x.device)
+        freqs = self.freqs(x.device).to(dtype)
+        angles = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # (N, D)
+        xs = x.to(dtype)
+        x_pairs = xs.unflatten(-1, (-1, 2))
         rotated = torch.stack([-x_pairs[..., 1], x_pairs[..., 0]], dim=-1).flatten(-2)
-        out = x.float() * angles.cos() + rotated * angles.sin()
+        out = xs * angles.cos() + rotated * angles.sin()
         return out.to(x.dtype)
 
 
@@ -428,7 +441,18 @@ class STDiT3(nn.Module):
             [STDiT3Block(cfg, temporal=True, rope=self.rope) for _ in range(cfg.depth)]
         )
         self.final_layer = FinalLayer(c, math.prod(cfg.patch_size), cfg.out_channels)
+        self.numerics = Numerics.EXACT
         self.initialize_weights()
+
+    @property
+    def numerics(self) -> Numerics:
+        """How the timestep and the rotary embedding round (chaid/numerics.py)."""
+        return self._numerics
+
+    @numerics.setter
+    def numerics(self, value: Numerics | str) -> None:
+        self._numerics = Numerics(value)
+        self.rope.in_input_dtype = self._numerics is Numerics.UPSTREAM
 
     def initialize_weights(self) -> None:
         """Training-start initialisation, as OpenSora's; a no-op on the meta device."""
@@ -470,7 +494,7 @@ class STDiT3(nn.Module):
         """The learned null caption, (batch, L, caption_channels)."""
         return self.y_embedder.y_embedding[None].expand(batch, -1, -1)
 
-    def embed_tokens(self, z: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def embed_tokens(self, z: torch.Tensor, height: float, width: float) -> torch.Tensor:
         """Latent (B, C_in, T, H, W) → position-embedded tokens (B, T'*S, C)."""
         T, H, W = self.token_grid(z.shape)
         S = H * W
@@ -506,8 +530,8 @@ class STDiT3(nn.Module):
         y_mask: torch.Tensor | None = None,
         *,
         fps: torch.Tensor | float = 24.0,
-        height: int,
-        width: int,
+        height: float,
+        width: float,
         attn_plan: BlockAttnPlan | None = None,
         block_runner: BlockRunner | None = None,
     ) -> torch.Tensor:
@@ -519,7 +543,8 @@ class STDiT3(nn.Module):
             y: (B, L, caption_channels) caption states.
             y_mask: (B, L) bool, True for real caption tokens (None: all real).
             fps: frames per second of the video, scalar or (B,).
-            height, width: video size in pixels (scales position embeddings).
+            height, width: video size in pixels as the model sees it (scales position
+                embeddings; with upstream numerics, in the model dtype: see ``as_seen``).
             attn_plan: optional per-block self-attention override (see BlockAttnPlan).
             block_runner: optional driver of the block stack (see BlockRunner); None runs
                 every pair in order.
@@ -534,7 +559,10 @@ class STDiT3(nn.Module):
         x = self.embed_tokens(z, height, width)  # (B, T*S, C)
         # 3. timestep + fps → adaLN-single
         fps_t = torch.as_tensor(fps, dtype=torch.float32, device=z.device).reshape(-1).expand(B)
-        t_emb = self.t_embedder(t.reshape(-1).expand(B), dtype) + self.fps_embedder(fps_t, dtype)
+        t = torch.as_tensor(t, dtype=torch.float32, device=z.device).reshape(-1).expand(B)
+        if self._numerics is Numerics.UPSTREAM:
+            t = t.to(dtype)  # the released weights were trained through this rounding
+        t_emb = self.t_embedder(t, dtype) + self.fps_embedder(fps_t, dtype)
         t_mlp = self.t_block(t_emb)  # (B, 6C)
         # 4. caption
         y = self.y_embedder(y.to(dtype))  # (B, L, C)

@@ -95,6 +95,43 @@ def test_generation_end_to_end_on_the_cpu(weights_dir):
     assert result.video.shape == (17, 64, 96, 3)
 
 
+def test_numerics_default_to_upstream_and_reach_every_part(weights_dir):
+    """opensora presets run as upstream's bf16 inference unless told otherwise: the DiT's
+    timestep cast and rotary rounding, the VAE's normalisation, the bf16-rounded noise and
+    upstream's schedule (20 frames: upstream counts 20 // 17 * 5 = 5 latent frames, the VAE
+    makes 6)."""
+    from chaid.config import ModelSettings, Settings
+    from chaid.engine.sampler import run_schedule
+    from chaid.numerics import Numerics
+
+    def run(numerics):
+        parts = build_parts(TINY, weights_dir, dtype=torch.bfloat16, numerics=numerics)
+        pipeline = Pipeline(parts, torch.device("cpu"))
+        seen = []
+        request = pipeline.resolve(GenerationRequest("a fox", steps=3, seed=2, frames=20))
+        noise = pipeline.initial_noise(request)
+        result = pipeline.generate(request, on_step=lambda k, t, z: seen.append(t))
+        return parts, noise, seen, result.latent
+
+    parts, noise, seen, latent = run(None)
+    assert parts.numerics is Numerics.UPSTREAM and parts.dit.numerics is Numerics.UPSTREAM
+    assert parts.vae.numerics is Numerics.UPSTREAM and parts.dit.rope.in_input_dtype
+    assert torch.equal(noise, noise.bfloat16().float())
+    assert seen == run_schedule(3, height=64, width=96, frames=20, latent_frames=6,
+                                numerics=Numerics.UPSTREAM, size_dtype=torch.bfloat16)
+    assert seen == run_schedule(3, height=64, width=96, frames=17, latent_frames=5,
+                                numerics=Numerics.UPSTREAM, size_dtype=torch.bfloat16)
+    exact_parts, exact_noise, exact_seen, exact_latent = run("exact")
+    assert exact_parts.vae.numerics is Numerics.EXACT and not torch.equal(noise, exact_noise)
+    assert exact_seen == schedule(3, transform_ratio(64, 96, 6, 512))
+    assert exact_seen[1] != pytest.approx(seen[1], abs=1.0)
+    assert (latent - exact_latent).abs().max() > 1e-3
+    # the setting: "auto" is the preset's, anything else is refused by name
+    assert Settings().model.numerics == "auto"
+    with pytest.raises(Exception, match="model.numerics"):
+        Settings(model=ModelSettings(numerics="fast")).validate()
+
+
 def test_missing_parts_are_all_listed(tmp_path, weights_dir):
     partial = tmp_path / "partial"
     (partial / "stdit").mkdir(parents=True)
