@@ -81,9 +81,10 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     # Imported here: torch and the models take seconds to import.
-    from chaid.engine.pipeline import GenerationRequest, Pipeline
+    from chaid.engine.pipeline import GenerationRequest, Pipeline, apply_torch_threads
     from chaid.video import write_mp4
 
+    apply_torch_threads(settings)
     t0 = time.perf_counter()
     pipeline = Pipeline.from_settings(settings)
     load_ms = (time.perf_counter() - t0) * 1000.0

@@ -159,8 +159,9 @@ class ServerSettings:
     grace_period_s: float = 30.0
     # Threads for cache lookups (spaCy + MiniLM on the CPU), apart from the device worker.
     lookup_threads: int = 2
-    # torch intra-op threads of the whole process; 0 leaves torch's default. On a small
-    # shared CPU, 1 avoids spinning OpenMP threads (a tiny model ran 40x faster with 1).
+    # torch intra-op threads of the whole process (also `chaid generate`'s). 0: automatic,
+    # 1 for a small model on the CPU (more threads lose 2-2.5x beside other busy work and
+    # gain 1.5x on an idle machine), torch's default (every core) otherwise.
     torch_threads: int = 0
     # "text" for people, "json" for log collectors (one object per line).
     log_format: str = "text"

@@ -32,7 +32,7 @@ from chaid.limits import (
     MAX_STEPS,
     MIN_SIDE,
 )
-from chaid.models import ModelParts, build_parts
+from chaid.models import ModelParts, build_model, build_parts
 from chaid.modes import RunKind, steps_for
 from chaid.numerics import Numerics, as_seen
 
@@ -99,6 +99,32 @@ class GenerationResult:
     def steps_run(self) -> int:
         """Model calls made: the schedule's steps from start_step on."""
         return self.steps - self.start_step + 1
+
+
+# A DiT below this many parameters runs on one CPU thread by default: its matrices are too
+# small for more threads to pay, and beside other busy processes spinning OpenMP threads
+# cost 2-2.5x (tiny-shapes, 30 steps on 2 cores: 1.3 s with 1 thread and 2.5-3.3 s with 2
+# beside one busy process; 1.25 s and 0.8 s on an idle machine; docs/deploy.md).
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def torch_threads_for(settings: Settings) -> int:
+    """The torch intra-op threads a process serving ``settings`` should use (0: torch's
+    default): ``server.torch_threads`` when set, else 1 for a small model on the CPU."""
+    if settings.server.torch_threads:
+        return settings.server.torch_threads
+    if resolve_device(settings.model.device).type != "cpu":
+        return 0
+    dit = build_model(settings.model.name, device="meta")
+    return 1 if sum(p.numel() for p in dit.parameters()) < SMALL_MODEL_PARAMS else 0
+
+
+def apply_torch_threads(settings: Settings) -> int:
+    """Set torch's threads as :func:`torch_threads_for` says; returns the count in use."""
+    threads = torch_threads_for(settings)
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -15,10 +15,18 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         help="run the caching daemon on a Unix socket",
         description="Run the chaid daemon: a warm model and the latent cache behind a Unix "
         "socket (msgpack-rpc; see docs/protocol.md). Stops cleanly on SIGTERM.",
+        epilog="Every setting (docs/deploy.md) is also a TOML key of --config and an "
+        "environment variable CHAID_<SECTION>_<KEY>, e.g. CHAID_SERVER_TORCH_THREADS=2: torch "
+        "threads, by default 1 for a small model on a CPU (fastest beside other busy "
+        "processes) and every core otherwise.",
     )
     p.add_argument("--config", type=Path, help="TOML settings file")
     p.add_argument("--socket", type=Path, help="socket path (default: /run/chaid/chaid.sock)")
-    p.add_argument("--data-dir", type=Path, help="the latent store's directory")
+    p.add_argument("--data-dir", type=Path,
+                   help="the latent store's directory (default: ./chaid-cache; the systemd "
+                        "unit uses /var/lib/chaid)")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch threads (default: 1 for a small model on a CPU, else every core)")
     p.add_argument("--model", help="model preset (default: tiny-shapes)")
     p.add_argument("--weights", type=Path, help="local weights directory or .safetensors file")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -33,7 +41,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.config,
         overrides={
             "model": {"name": args.model, "weights": args.weights, "device": args.device},
-            "server": {"socket": args.socket, "log_format": args.log_format},
+            "server": {"socket": args.socket, "log_format": args.log_format,
+                       "torch_threads": args.torch_threads},
             "store": {"data_dir": args.data_dir},
         },
     )

@@ -30,7 +30,14 @@ from chaid.errors import ChaidError, InputError
 from chaid.modes import CacheMode, Outcome, decide, steps_for
 from chaid.protocol import METHODS, PROTOCOL_VERSION, ErrorCode, Request, RpcError, response
 from chaid.server.connection import Connection, Services
-from chaid.server.listeners import BoundSocket, bind_socket, inherited_sockets, release
+from chaid.server.listeners import (
+    BoundSocket,
+    bind_socket,
+    check_socket_path,
+    inherited_sockets,
+    release,
+    socket_activated,
+)
 from chaid.server.logs import fields
 from chaid.server.peercred import AccessPolicy, PeerCredentials, RateLimiter, peer_credentials
 from chaid.server.sdnotify import Notifier
@@ -475,6 +482,9 @@ async def serve(settings: Settings) -> int:
         await root.start(_watch_signals, shutdown, force)
         if notifier.watchdog_s:
             root.start_soon(_watchdog, notifier)
+        # 0. a busy socket path is refused now, not after seconds of loading.
+        if not socket_activated():
+            check_socket_path(srv.socket)
         # 1. store and models (seconds): abandoned if a signal arrives meanwhile.
         notifier.status("loading the store and the model")
         engine: ChaiEngine | None = None
@@ -546,10 +556,10 @@ async def _serve_with(settings: Settings, engine: ChaiEngine, cost: CostModel,
 
 def run(settings: Settings) -> int:
     """Entry point of ``chaid serve``: run the trio loop; ChaidError for startup failures."""
-    if settings.server.torch_threads:
-        import torch
+    from chaid.engine.pipeline import apply_torch_threads
 
-        torch.set_num_threads(settings.server.torch_threads)
+    threads = apply_torch_threads(settings)
+    log.info("torch uses %d threads (server.torch_threads)", threads)
     try:
         return trio.run(serve, settings)
     except* ChaidError as group:

@@ -115,6 +115,22 @@ def _clear_stale(path: Path) -> None:
     raise ListenerError(f"{path} is in use by a running daemon")
 
 
+def socket_activated(env: dict[str, str] | None = None) -> bool:
+    """Whether systemd passed this process its sockets (without adopting them)."""
+    env_map = os.environ if env is None else env
+    return env_map.get("LISTEN_PID") == str(os.getpid())
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse, before anything slow, a socket path the daemon could not bind: too long, in
+    use by a running daemon, or not a socket. A stale socket file is removed. The bind
+    after start-up checks again (another daemon may take the path meanwhile)."""
+    path = Path(path)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ListenerError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes")
+    _clear_stale(path)
+
+
 def bind_socket(path: Path, mode: int, group: str | None) -> BoundSocket:
     """Bind and listen on ``path`` with file mode ``mode`` and group ``group``."""
     path = Path(path)

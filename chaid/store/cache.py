@@ -387,8 +387,14 @@ class LatentCache:
         return record
 
     def records(self) -> Iterator[EntryRecord]:
+        """Every entry's record, with its hits and last access as the cache counts them now
+        (a hit's statistics reach LMDB with the next write, not at once)."""
+        live = self.policy.access_of()
         with self.db.read() as txn:
-            yield from self.db.iter_records(txn)
+            for record in self.db.iter_records(txn):
+                if record.entry_id in live:
+                    record.last_access, record.hits, record.benefit = live[record.entry_id]
+                yield record
 
     def __len__(self) -> int:
         return len(self.policy)

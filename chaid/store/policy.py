@@ -143,6 +143,11 @@ class PolicyEngine:
             self._dirty.clear()
             return out
 
+    def access_of(self) -> dict[int, tuple[float, int, float]]:
+        """entry id → (last_access, hits, benefit) as they stand now."""
+        with self._lock:
+            return {i: (s.last_access, s.hits, s.benefit) for i, s in self.catalog.items()}
+
     def has_dirty(self) -> bool:
         """Whether stats were touched since the last :meth:`take_dirty`."""
         with self._lock:

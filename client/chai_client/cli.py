@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from chai_client.errors import ChaiError, RpcError
+from chai_client import __version__
+from chai_client.errors import ChaiError, DaemonUnavailable, RpcError
 from chai_client.protocol import MODEL_CFG_SCALE
 from chai_client.sync import Client
 
@@ -20,20 +21,47 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="chai", description="Client of the chaid video daemon.")
-    p.add_argument("--socket", type=Path,
-                   help="daemon socket (default: $CHAI_SOCKET or /run/chaid/chaid.sock)")
-    p.add_argument("--timeout", type=float, help="seconds to wait on the socket (default: none)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+DEFAULT_SOCKET_HELP = "daemon socket (default: $CHAI_SOCKET or /run/chaid/chaid.sock)"
 
-    g = sub.add_parser("generate", help="generate a video and write it as MP4")
-    g.add_argument("prompt")
-    g.add_argument("-o", "--output", type=Path, required=True, help="MP4 file to write")
-    g.add_argument("--frames", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--seed", type=int, default=0)
+
+def _connection_options(suppress: bool) -> argparse.ArgumentParser:
+    """--socket and --timeout, accepted before the command and after it. After it they
+    default to SUPPRESS, so an option given before the command is not reset."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    p.add_argument("--socket", type=Path, default=default, help=DEFAULT_SOCKET_HELP)
+    p.add_argument("--timeout", type=float, default=default,
+                   help="seconds to wait on the socket (default: none)")
+    return p
+
+
+def _sizes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frames", type=int, help="video frames (default: the model's)")
+    p.add_argument("--height", type=int, help="height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="width in pixels (default: the model's)")
+
+
+def _json(p: argparse.ArgumentParser, what: str = "print one JSON object") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chai", description="Client of the chaid video daemon.",
+                                parents=[_connection_options(suppress=False)])
+    p.add_argument("--version", action="version", version=f"chai {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_connection_options(suppress=True)]
+
+    def command(parent, name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        return parent.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                 parents=common)
+
+    g = command(sub, "generate", "generate a video and write it as MP4")
+    g.add_argument("prompt", help="the text prompt")
+    g.add_argument("-o", "--output", type=Path, required=True,
+                   help="MP4 file to write; - writes it to standard output")
+    _sizes(g)
+    g.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     g.add_argument("--cfg-scale", type=float,
                    help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--cache", choices=["auto", "off", "refresh"], default="auto",
@@ -41,34 +69,42 @@ def build_parser() -> argparse.ArgumentParser:
                    "off: no cache, --steps plain steps")
     g.add_argument("--steps", type=int, help="steps of an uncached run (--cache off)")
     g.add_argument("--deadline", type=float, help="give up after this many seconds")
-    g.add_argument("--json", action="store_true", help="print one JSON object")
+    _json(g, "print one JSON object (to standard error with -o -)")
     g.set_defaults(func=_generate)
 
-    s = sub.add_parser("stats", help="daemon and cache statistics")
-    s.add_argument("--json", action="store_true")
+    s = command(sub, "stats", "daemon and cache statistics")
+    _json(s)
     s.set_defaults(func=_stats)
 
-    s = sub.add_parser("ping", help="check the daemon answers")
+    s = command(sub, "ping", "check the daemon answers")
     s.set_defaults(func=_ping)
 
-    s = sub.add_parser("lookup", help="would this prompt hit the cache, and why")
-    s.add_argument("prompt")
-    s.add_argument("--frames", type=int)
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
-    s.add_argument("--json", action="store_true")
+    s = command(sub, "lookup", "would this prompt hit the cache, and why")
+    s.add_argument("prompt", help="the text prompt")
+    _sizes(s)
+    _json(s)
     s.set_defaults(func=_lookup)
 
-    c = sub.add_parser("cache", help="list or remove cache entries")
+    c = command(sub, "cache", "list, warm or remove cache entries")
     csub = c.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    s = csub.add_parser("ls", help="entries, most recently used first")
-    s.add_argument("--limit", type=int, default=50)
-    s.add_argument("--json", action="store_true")
+    s = command(csub, "ls", "entries, most recently used first")
+    s.add_argument("--limit", type=int, default=50,
+                   help="at most this many entries; 0 for all (default: 50)")
+    _json(s)
     s.set_defaults(func=_cache_ls)
-    s = csub.add_parser("evict", help="remove entries by id (admin)")
-    s.add_argument("entry_ids", type=int, nargs="+")
+    s = command(csub, "warm", "run a full generation only to cache it (admin)")
+    s.add_argument("prompt", help="the text prompt")
+    _sizes(s)
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    _json(s)
+    s.set_defaults(func=_cache_warm)
+    s = command(csub, "evict", "remove entries by id (admin)")
+    s.add_argument("entry_ids", type=int, nargs="+", help="ids, as `chai cache ls` shows them")
     s.set_defaults(func=_cache_evict)
-    s = csub.add_parser("clear", help="remove every entry (admin)")
+    s = command(csub, "clear", "remove every entry (admin)")
+    s.add_argument("-y", "--yes", action="store_true",
+                   help="do not ask for confirmation (needed when standard input is not a "
+                        "terminal)")
     s.set_defaults(func=_cache_clear)
     return p
 
@@ -110,7 +146,30 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+class OutputError(Exception):
+    """The output path cannot take the video (checked before any work is asked for)."""
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output the video could not be written to, before generating it."""
+    if str(path) == "-":
+        return
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file name, e.g. {path / 'video.mp4'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: no write permission in {existing}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {path}: the file is not writable")
+
+
 def _generate(client: Client, args: argparse.Namespace) -> int:
+    to_stdout = str(args.output) == "-"
     bar = _Progress() if sys.stderr.isatty() and not args.json else None
     scale = MODEL_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     try:
@@ -121,18 +180,25 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     finally:
         if bar:
             bar.close()
-    _write_atomic(args.output, result.video)
+    report = sys.stderr if to_stdout else sys.stdout
+    if to_stdout:
+        sys.stdout.buffer.write(result.video)
+        sys.stdout.buffer.flush()
+    else:
+        _write_atomic(args.output, result.video)
     if args.json:
         print(json.dumps({"output": str(args.output), "prompt": args.prompt,
-                          **result.summary()}))
+                          **result.summary()}), file=report)
     else:
         how = result.cache
         if result.matched:
             pairs = ", ".join(f"{e.query}~{e.cached} {e.cosine:.2f}"
                               for e in result.matched.entities)
             how += f" (entry {result.matched.entry_id}: {pairs})"
-        print(f"wrote {args.output}: {result.frames} frames {result.width}x{result.height}, "
-              f"{how}, {result.steps} steps, {result.timings['total_ms'] / 1000:.2f} s")
+        where = "standard output" if to_stdout else args.output
+        print(f"wrote {where}: {result.frames} frames {result.width}x{result.height}, "
+              f"{how}, {result.steps} steps, {result.timings['total_ms'] / 1000:.2f} s",
+              file=report)
     return 0
 
 
@@ -196,7 +262,31 @@ def _cache_evict(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_warm(client: Client, args: argparse.Namespace) -> int:
+    sizes = {k: v for k, v in (("frames", args.frames), ("height", args.height),
+                               ("width", args.width)) if v is not None}
+    out = client.cache_warm(args.prompt, seed=args.seed, **sizes)
+    if args.json:
+        print(json.dumps(out))
+    elif out.get("entry_id") is None:
+        print(f"ran {out['steps']} steps, but the cache did not keep the entry")
+    else:
+        print(f"cached entry {out['entry_id']} ({out['steps']} steps, "
+              f"{out['timings']['total_ms'] / 1000:.2f} s)")
+    return 0
+
+
 def _cache_clear(client: Client, args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("chai: error: cache clear removes every entry; pass --yes to confirm",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        entries = client.stats().get("cache", {}).get("entries", "?")
+        answer = input(f"remove all {entries} cache entries of the daemon? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return EXIT_ERROR
     print(f"evicted {client.cache_clear()} entries")
     return 0
 
@@ -204,8 +294,18 @@ def _cache_clear(client: Client, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate":
+            check_output(args.output)
         with Client(args.socket, timeout=args.timeout) as client:
             return args.func(client, args)
+    except OutputError as exc:
+        print(f"chai: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DaemonUnavailable as exc:
+        print(f"chai: error: {exc}\n  is the daemon running? start one with `chaid serve "
+              f"--socket PATH` (or `systemctl start chaid`), and point chai at it with "
+              f"--socket PATH or CHAI_SOCKET=PATH", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except RpcError as exc:
         print(f"chai: error: {exc.message} [{exc.code}]", file=sys.stderr)
         return EXIT_ERROR

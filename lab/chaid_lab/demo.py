@@ -50,10 +50,9 @@ def start_daemon(workdir: Path, model: str | None) -> tuple[subprocess.Popen, Pa
            "--data-dir", str(workdir / "data")]
     if model:
         cmd += ["--model", model]
-    # One torch thread: on a small machine spinning OpenMP threads cost far more than
-    # they give to a model this size.
-    env = {**os.environ, "CHAID_SERVER_TORCH_THREADS": os.environ.get(
-        "CHAID_SERVER_TORCH_THREADS", "1"), "CHAID_STORE_EMBEDDER_THREADS": "1"}
+    # The daemon's own thread default (one torch thread for a small model on the CPU);
+    # one embedder thread beside it.
+    env = {**os.environ, "CHAID_STORE_EMBEDDER_THREADS": "1"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, sock, log_path

@@ -99,6 +99,23 @@ def test_entries_survive_reopen(tmp_path):
         assert hit.hit and hit.entry_id == ids[3]
 
 
+def test_records_show_hits_before_they_reach_disk(tmp_path):
+    """A hit's statistics reach LMDB with the next write; the listing shows them at once
+    (`chai cache ls`: most recently used first, with today's hit counts)."""
+    with open_toy(toy_settings(tmp_path)) as cache:
+        ids = [cache.insert(toy_analysis(f"p{i}"), toy_latents(f"p{i}"), "fp").entry_id
+               for i in range(3)]
+        for _ in range(2):
+            assert cache.lookup(toy_analysis("p0"), "fp", SHAPE).entry_id == ids[0]
+        assert cache.policy.has_dirty()  # not written yet
+        assert cache.db.read_meta() is not None
+        with cache.db.read() as txn:
+            assert cache.db.get_record(txn, ids[0]).hits == 0
+        listed = sorted(cache.records(), key=lambda r: -r.last_access)
+        assert [r.entry_id for r in listed] == [ids[0], ids[2], ids[1]]
+        assert {r.entry_id: r.hits for r in listed} == {ids[0]: 2, ids[1]: 0, ids[2]: 0}
+
+
 def test_unknown_schema_version_is_refused(tmp_path):
     settings = toy_settings(tmp_path)
     open_toy(settings).close()
