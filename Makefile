@@ -12,13 +12,14 @@ SHAPES_DIT_STAGE3_STEPS ?= 4500
 
 .PHONY: setup demo test product-check lint stress gpu-check results shapes-eval shapes-dit clean
 
+# pip at --quiet twice prints errors only (not the build backends' notices).
 $(VENV)/.installed: pyproject.toml client/pyproject.toml lab/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev]"
-	$(PIP) install --quiet -e client/
-	$(PIP) install --quiet -e lab/
+	$(PIP) install --quiet --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet --quiet -e ".[dev]"
+	$(PIP) install --quiet --quiet -e client/
+	$(PIP) install --quiet --quiet -e lab/
 	touch $@
 
 setup: $(VENV)/.installed
@@ -41,7 +42,7 @@ product-check:
 # OpenSora 1.2 end to end in bf16 with random weights (depth-4 DiT at full width, full-size
 # VAE): latency per step of a full (30-step) and a fast (8-step, Cache Attention) run.
 gpu-check: setup
-	$(PIP) install --quiet -e ".[$$($(PY) -c "import torch; print('gpu-cuda13' if (torch.version.cuda or '').startswith('13') else 'gpu')")]"
+	$(PIP) install --quiet --quiet -e ".[$$($(PY) -c "import torch; print('gpu-cuda13' if (torch.version.cuda or '').startswith('13') else 'gpu')")]"
 	$(PY) -m pytest -q -rs -m gpu tests/kernels tests/models
 	$(PY) -m chaid_lab.bench.kernel
 	$(PY) -m chaid_lab.gpu_check

@@ -119,9 +119,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "latent_shape": list(result.latent.shape),
         "timings": {**result.timings.as_dict(), "load_ms": round(load_ms, 1)},
     }
+    understood = pipeline.understand(request.prompt)
+    facts["understood"] = None if understood is None else understood.as_dict()
     if args.json:
         print(json.dumps(facts))
     else:
+        if understood is not None and not understood.drawable:
+            print(f"warning: {settings.model.name} cannot draw anything this prompt names "
+                  "(it knows shapes, colours, motions and backgrounds of its world)",
+                  file=sys.stderr)
+        if understood is not None and understood.unknown:
+            print(f"the model does not know: {', '.join(understood.unknown)}", file=sys.stderr)
         t = result.timings
         print(
             f"wrote {args.output}: {facts['frames']} frames {facts['width']}x{facts['height']}"

@@ -82,6 +82,10 @@ class ChaiSettings:
     kv_source: str = "cache"
     # "auto" uses the CuPy kernel on a GPU when available; "reference" or "cupy" force one.
     kernel: str = "auto"
+    # Cache a miss whose prompt names nothing the model can draw (a model with a closed
+    # vocabulary, like tiny-shapes, shows something else): off keeps such videos out of the
+    # cache, so no later prompt reuses them; the video is returned either way.
+    cache_undrawable: bool = False
 
 
 # Where the systemd socket unit puts the daemon's socket; clients look here by default.

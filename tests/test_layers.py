@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Product layers, highest first. A module belongs to the first layer with a prefix of it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("entry", ("chaid.cli", "chaid.__main__")),
+    ("entry", ("chaid.cli", "chaid.__main__", "chaid.local")),
     ("server", ("chaid.server",)),
     ("protocol", ("chaid.protocol",)),
     ("engine", ("chaid.engine",)),

@@ -27,6 +27,7 @@ import torch
 from chaid.config import MODEL_CFG_SCALE, Settings
 from chaid.engine.pipeline import GenerationRequest, GenerationResult, Pipeline
 from chaid.models import ModelParts
+from chaid.models.shapes_vocab import Understanding
 from chaid.models.weights import resolve_weights_file
 from chaid.modes import CacheMode, Outcome, decide
 from chaid.store.analysis import Analyzer
@@ -72,6 +73,8 @@ class ChaiOutcome:
     # returned all the same.
     not_cached: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # What the model could use of the prompt (None: a model without a vocabulary).
+    understood: Understanding | None = None
 
     def matched(self) -> dict[str, Any] | None:
         """The matched entry and entity pairs with their cosines (None unless a hit)."""
@@ -205,8 +208,14 @@ class ChaiEngine:
                 outcome = Outcome.MISS
             timings["read_ms"] = (time.perf_counter() - t0) * 1e3
         req = self.pipeline.for_run(request, outcome.run, cached)
+        understood = self.pipeline.understand(request.prompt)
+        if understood is not None and not understood.drawable:
+            log.warning("%s cannot draw anything %r names (unknown: %s)",
+                        self.pipeline.parts.spec.name, request.prompt[:80],
+                        ", ".join(understood.unknown[:8]) or "-")
         result = self.pipeline.generate(req, on_step)
-        return ChaiOutcome(result, outcome, req, lookup, timings_ms=timings)
+        return ChaiOutcome(result, outcome, req, lookup, timings_ms=timings,
+                           understood=understood)
 
     def insert(self, outcome: ChaiOutcome, owner_uid: int | None = None
                ) -> InsertResult | None:
@@ -214,8 +223,15 @@ class ChaiEngine:
         ``owner_uid``, the uid that asked, is kept in the entry (``server.share_prompts``)."""
         if not outcome.outcome.writes_cache or not outcome.result.captured:
             return None
-        t0 = time.perf_counter()
         req = outcome.request
+        understood = outcome.understood
+        if understood is not None and not understood.drawable \
+                and not self.pipeline.chai.cache_undrawable:
+            outcome.not_cached = (f"{self.pipeline.parts.spec.name} cannot draw anything this "
+                                  f"prompt names, so its video is not cached "
+                                  f"(chai.cache_undrawable)")
+            return None
+        t0 = time.perf_counter()
         try:
             inserted = self.store.insert(
                 req.prompt, outcome.result.captured, self.fingerprint,

@@ -33,6 +33,7 @@ from chaid.limits import (
     MIN_SIDE,
 )
 from chaid.models import ModelParts, build_model, build_parts
+from chaid.models.shapes_vocab import Understanding
 from chaid.modes import RunKind, steps_for
 from chaid.numerics import Numerics, as_seen
 
@@ -245,6 +246,11 @@ class Pipeline:
         """A cache hit: fast_steps steps with Cache Attention on the cached latents."""
         return self.generate(self.for_run(GenerationRequest(prompt, **fields), RunKind.FAST,
                                           cached))
+
+    def understand(self, prompt: str) -> Understanding | None:
+        """What the model can use of ``prompt`` (None for a model without a vocabulary)."""
+        understand = self.parts.spec.understand
+        return None if understand is None else understand(prompt)
 
     def seen_size(self, request: GenerationRequest) -> tuple[float, float]:
         """The height and width the DiT's position embedding sees: the request's, or with

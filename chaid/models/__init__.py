@@ -20,6 +20,7 @@ from chaid.errors import ChaidError, WeightsError
 from chaid.models.opensora import build_opensora_parts, dit_weights_path
 from chaid.models.opensora_vae import OpenSoraVAEConfig, SpatialVAEConfig, TemporalVAEConfig
 from chaid.models.shapes_vae import load_shapes_vae
+from chaid.models.shapes_vocab import Understanding, understand
 from chaid.models.stdit3 import STDiT3, STDiT3Config
 from chaid.models.text import HashTextEncoder, MiniLMTextEncoder, TextEncoder
 from chaid.models.vae import PoolingAutoencoder, VideoAutoencoder
@@ -67,6 +68,10 @@ class ModelSpec:
     # presets as upstream's bf16 inference (the weights were trained that way), presets
     # trained here exactly.
     numerics: Numerics = Numerics.EXACT
+    # What the model can use of a prompt (a model trained on a closed world knows its
+    # words); None: the model has no vocabulary to report against (OpenSora's T5 reads
+    # anything).
+    understand: Callable[[str], Understanding] | None = None
 
 
 def _hash_encoder(cfg: STDiT3Config) -> TextEncoder:
@@ -140,6 +145,7 @@ PRESETS: dict[str, ModelSpec] = {
         width=64,
         fps=8,
         dit_weights=SHAPES_DIT_WEIGHTS,
+        understand=understand,
         # Best of 1.5-7 on the suite (docs/shapes.md): above it the model draws extra
         # objects and loses shape, below it motion fades.
         cfg_scale=2.0,

@@ -67,6 +67,12 @@ _CANCEL_CODES = {
 }
 
 
+# A request whose cheapest run is estimated at more than this many times its deadline is
+# refused at admission (estimates are within tens of percent; closer calls are run and
+# stopped at the deadline).
+DEADLINE_SLACK = 1.5
+
+
 class Daemon:
     """The serving state shared by every connection: engine, worker, limits, counters."""
 
@@ -208,6 +214,20 @@ class Daemon:
         except InputError as exc:
             raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
 
+    def _check_deadline(self, request, mode: CacheMode, deadline_s: float) -> None:
+        """Refuse at once a request that cannot finish by its deadline: even its cheapest
+        run (a hit's, for auto) is estimated to take more than DEADLINE_SLACK times the
+        deadline on this device, with nothing queued ahead."""
+        cheapest = steps_for(decide(mode, True).run, self.engine.pipeline.chai, request.steps)
+        seconds = self.admission.cost.estimate(request, cheapest).seconds
+        if seconds is not None and seconds > DEADLINE_SLACK * deadline_s:
+            raise RpcError(ErrorCode.DEADLINE_EXCEEDED,
+                           f"{request.frames} frames of {request.width}x{request.height} take "
+                           f"about {seconds:.1f} s on this device even as a cache hit, more "
+                           f"than the deadline of {deadline_s:g} s allows; nothing was run",
+                           {"estimated_s": round(seconds, 2), "deadline_s": deadline_s,
+                            "steps_done": 0, "steps": cheapest})
+
     async def _run_job(self, conn: Connection, req: Request, p: dict[str, Any],
                        mode: CacheMode) -> Job:
         """Queue a job and wait for it; RpcError for busy, cancelled, failed."""
@@ -220,6 +240,8 @@ class Daemon:
             self.admission.check(request, steps)
         except TooCostly as exc:
             raise RpcError(ErrorCode.TOO_LARGE, str(exc), exc.data) from None
+        if p.get("deadline_s"):
+            self._check_deadline(request, mode, p["deadline_s"])
         deadline_s = p.get("deadline_s") or self.settings.server.request_timeout_s
         deadline = trio.current_time() + deadline_s
         on_progress = None
@@ -306,6 +328,7 @@ class Daemon:
                 "entry_id": inserted.entry_id, "bytes": inserted.bytes,
                 "evicted": inserted.evicted},
             "not_cached": outcome.not_cached,
+            "understood": None if outcome.understood is None else outcome.understood.as_dict(),
             "timings": {k: round(float(v), 2) for k, v in timings.items()},
         }
 
@@ -354,6 +377,8 @@ class Daemon:
                 match["cached"] = None
         out["latent_shape"] = list(self.engine.latent_shape(request))
         out["fingerprint"] = self.engine.fingerprint
+        understood = self.engine.pipeline.understand(request.prompt)
+        out["understood"] = None if understood is None else understood.as_dict()
         return out
 
     async def cache_list(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:

@@ -98,7 +98,10 @@ class EntityExtractor:
         return tuple(dict.fromkeys(text for _, text in self._chunks(doc)))
 
     def _chunks(self, doc):
-        for chunk in doc.noun_chunks:
+        chunks = list(doc.noun_chunks)
+        taken = {i for chunk in chunks for i in range(chunk.start, chunk.end)}
+        chunks += _missed_phrases(doc, taken)
+        for chunk in sorted(chunks, key=lambda c: c.start):
             if chunk.root.pos_ == "PRON" or chunk.root.lower_ in self.generic_heads:
                 continue
             words = [
@@ -107,6 +110,32 @@ class EntityExtractor:
             ]
             if words:
                 yield chunk, " ".join(words)
+
+
+# What may follow a noun phrase the parser missed: a verb ("a kitten playing"), a
+# preposition, punctuation, a conjunction, or the end of the prompt.
+_AFTER_PHRASE = frozenset({"VERB", "AUX", "ADP", "PUNCT", "CCONJ", "SCONJ"})
+
+
+def _missed_phrases(doc, taken: set[int]) -> list:
+    """Noun phrases that spaCy's small model leaves out of ``noun_chunks`` because it reads
+    a prompt fragment's head noun as an adjective: "a purple square standing still" (square
+    tagged an adjective of "standing"), "a kitten playing a keyboard" (kitten an adjective
+    root). Each is a determiner, then adjectives and nouns outside any chunk, followed by a
+    verb, a preposition, punctuation, a conjunction or the end."""
+    out = []
+    i = 0
+    while i < len(doc):
+        if doc[i].pos_ != "DET" or i in taken:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(doc) and j not in taken and doc[j].pos_ in ("ADJ", "NOUN", "PROPN"):
+            j += 1
+        if j > i + 1 and (j == len(doc) or doc[j].pos_ in _AFTER_PHRASE):
+            out.append(doc[i:j])
+        i = j
+    return out
 
 
 class Embedder:

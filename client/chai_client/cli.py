@@ -195,11 +195,26 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
             pairs = ", ".join(f"{e.query}~{e.cached} {e.cosine:.2f}"
                               for e in result.matched.entities)
             how += f" (entry {result.matched.entry_id}: {pairs})"
+        _report_understanding(result.understood, sys.stderr)
+        if result.not_cached:
+            print(f"not cached: {result.not_cached}", file=report)
         where = "standard output" if to_stdout else args.output
         print(f"wrote {where}: {result.frames} frames {result.width}x{result.height}, "
               f"{how}, {result.steps} steps, {result.timings['total_ms'] / 1000:.2f} s",
               file=report)
     return 0
+
+
+def _report_understanding(understood: dict | None, out) -> None:
+    """What the model could not use of the prompt, in a line or two (nothing when it knew
+    every word, or has no vocabulary to report against)."""
+    if not understood:
+        return
+    if not understood.get("drawable", True):
+        print("warning: the model cannot draw anything this prompt names; it knows shapes, "
+              "colours, motions and backgrounds of its world (see `chai lookup`)", file=out)
+    if understood.get("unknown"):
+        print(f"the model does not know: {', '.join(understood['unknown'])}", file=out)
 
 
 def _stats(client: Client, args: argparse.Namespace) -> int:
@@ -233,6 +248,10 @@ def _lookup(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.raw))
         return 0
+    understood = result.understood
+    if understood is not None:
+        print(f"understood: {'; '.join(understood['known']) or '(nothing)'}")
+        _report_understanding(understood, sys.stdout)
     print(f"entities: {', '.join(result.entities) or '(none)'}")
     if not result.hit:
         print(f"miss (no cached entity at or above {result.threshold})")

@@ -38,8 +38,10 @@ class GenerateResult:
 
     ``video`` is MP4 bytes (format "mp4") or a (frames, height, width, 3) uint8 array
     (format "frames"; a numpy array when numpy is installed). ``cache`` is "hit", "miss"
-    or "off"; ``timings`` holds at least ``total_ms`` (daemon side) and
-    ``client_total_ms`` (round trip as the client saw it).
+    or "off"; ``mode`` how the model ran ("full", "fast" or "plain"); ``timings`` holds
+    at least ``total_ms`` (daemon side) and ``client_total_ms`` (round trip as the client
+    saw it). ``understood`` is what the model could use of the prompt, for a model with a
+    closed vocabulary: ``{"known": [...], "unknown": [...], "drawable": bool}``.
     """
 
     video: Any
@@ -57,6 +59,9 @@ class GenerateResult:
     inserted: dict[str, Any] | None = None
     # Why a miss's latents were not cached (the daemon's store could not write them).
     not_cached: str | None = None
+    mode: str | None = None
+    prompt: str | None = None
+    understood: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -68,7 +73,8 @@ class GenerateResult:
             frames=d["frames"], height=d["height"], width=d["width"], fps=d["fps"],
             seed=d["seed"], matched=Match.from_wire(d.get("matched")), timings=timings,
             entities=d.get("entities"), inserted=d.get("inserted"),
-            not_cached=d.get("not_cached"), raw={k: v for k, v in d.items() if k != "video"},
+            not_cached=d.get("not_cached"), mode=d.get("mode"), prompt=d.get("prompt"),
+            understood=d.get("understood"), raw={k: v for k, v in d.items() if k != "video"},
         )
 
     def summary(self) -> dict[str, Any]:
@@ -79,11 +85,11 @@ class GenerateResult:
                        "score": self.matched.score,
                        "entities": [{"query": e.query, "cached": e.cached, "cosine": e.cosine}
                                     for e in self.matched.entities]}
-        return {"cache": self.cache, "steps": self.steps, "matched": matched,
+        return {"cache": self.cache, "mode": self.mode, "steps": self.steps, "matched": matched,
                 "frames": self.frames, "height": self.height, "width": self.width,
                 "fps": self.fps, "seed": self.seed, "entities": self.entities,
                 "inserted": self.inserted, "not_cached": self.not_cached,
-                "timings": self.timings}
+                "understood": self.understood, "timings": self.timings}
 
 
 @dataclass(frozen=True)
@@ -98,10 +104,12 @@ class LookupResult:
     matches: list[EntityMatch]
     threshold: float
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    # What the model could use of the prompt (see GenerateResult.understood).
+    understood: dict[str, Any] | None = None
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> LookupResult:
         return cls(d["hit"], d.get("entry_id"), d.get("cached_prompt"), d.get("score", 0.0),
                    list(d.get("entities") or []),
                    [EntityMatch(m["query"], m["cached"], m["cosine"]) for m in d["matches"]],
-                   d.get("threshold", 0.0), raw=d)
+                   d.get("threshold", 0.0), raw=d, understood=d.get("understood"))

@@ -135,3 +135,31 @@ def test_a_second_daemon_on_a_busy_socket_is_refused_before_loading(daemon, tmp_
     print(f"refused in {took:.1f} s")
     with Client(daemon.socket) as c:  # and the first daemon serves on
         assert c.ping()
+
+
+def test_what_the_model_understood(tmp_path):
+    """tiny-shapes knows its world's words: a prompt it cannot draw is generated with a
+    warning and kept out of the cache; `chai lookup` shows the same reading."""
+    shapes = Daemon(tmp_path / "shapes", args=["--model", "tiny-shapes"]).start()
+    try:
+        with Client(shapes.socket) as c:
+            cat = c.generate("a cat playing piano")
+            assert cat.understood == {"known": [], "unknown": ["cat", "playing", "piano"],
+                                      "drawable": False}
+            assert cat.cache == "miss" and cat.inserted is None
+            assert "cannot draw" in cat.not_cached
+            fox = c.generate("a red fox in a snowy forest")
+            assert fox.understood["drawable"] and fox.understood["unknown"] == ["fox", "forest"]
+            assert "red → colour red" in fox.understood["known"]
+            assert fox.inserted is not None  # partly understood: cached
+            assert c.stats()["cache"]["entries"] == 1
+        run = chai("generate", "一只猫在弹钢琴", "-o", str(tmp_path / "zh.mp4"),
+                   socket=shapes.socket)
+        err = run.stderr.decode()
+        assert run.returncode == 0 and "cannot draw anything" in err and "一只猫在弹钢琴" in err
+        run = chai("lookup", "a kitten playing a keyboard", socket=shapes.socket)
+        out = run.stdout.decode()
+        assert "understood: (nothing)" in out and "does not know: kitten, playing, keyboard" in out
+        assert "cannot draw" in shapes.log()  # and the daemon logs it
+    finally:
+        shapes.stop()

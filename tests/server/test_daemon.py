@@ -364,16 +364,26 @@ def test_costly_request_is_refused_before_any_work(shared_daemon):
 
 
 def test_deadline_stops_a_step_that_has_begun(shared_daemon):
-    """One step of 16 frames of 512x512 takes seconds here; the deadline stops it between
-    blocks instead of after the step (which would return the video)."""
+    """One step of 64 frames of 512x512 takes seconds here. A deadline far below its
+    estimate is refused before any work; one below the step's time but within the slack
+    of the estimate is admitted, and stops the step between blocks instead of after it
+    (which would return the video)."""
+    big = {"cache": "off", "steps": 1, "frames": 64, "height": 512, "width": 512}
     with Client(shared_daemon.socket) as c:
         t0 = time.monotonic()
         with pytest.raises(RpcError) as err:
-            c.generate("a red circle", cache="off", steps=1, frames=16, height=512,
-                       width=512, deadline_s=1.0)
+            c.generate("a red circle", deadline_s=0.05, **big)
+        assert err.value.code == "deadline_exceeded" and err.value.data["steps_done"] == 0
+        assert "nothing was run" in err.value.message and time.monotonic() - t0 < 1.0
+        estimate = err.value.data["estimated_s"]
+        deadline = estimate / 1.4  # admitted: the estimate is within 1.5x of it
+        t0 = time.monotonic()
+        with pytest.raises(RpcError) as err:
+            c.generate("a red circle", deadline_s=deadline, **big)
         took = time.monotonic() - t0
         assert err.value.code == "deadline_exceeded", err.value
-        assert took < 6.0, took
+        assert "nothing was run" not in err.value.message
+        assert took < deadline + 2.0, (took, deadline, estimate)
 
 
 def test_deadline_inflight_limit_and_duplicate_ids(shared_daemon):

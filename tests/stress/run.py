@@ -12,8 +12,9 @@ Sections (each can be run alone with ``--only NAME``):
                   methods and parameters (and garbage besides), pipelined at a daemon:
                   it must stay alive, log no traceback and keep its memory flat.
 ``load``          16 clients pinging while two others generate: ping latency.
-``admission``     the audit's oversized request (refused before any work) and a deadline
-                  inside a long step.
+``admission``     the audit's oversized request (refused before any work), a deadline
+                  refused at admission against the estimate, and deadlines inside a long
+                  step.
 ``faults``        damaged latents under a running daemon (never served), a truncated
                   store and a damaged tree (refused at start; salvaged).
 
@@ -455,12 +456,28 @@ def admission(table: Table, work: Path) -> None:
                 except RpcError as exc:
                     assert exc.code == "too_large", exc
                     refused.append((time.perf_counter() - t) * 1e3)
+            # 200 steps of 16×512² take minutes: refused at admission against the deadline.
+            t = time.perf_counter()
+            try:
+                c.generate("too slow", cache="off", steps=200, frames=16, height=512,
+                           width=512, deadline_s=5.0)
+                early = float("inf")
+            except RpcError as exc:
+                assert exc.code == "deadline_exceeded" and exc.data["steps_done"] == 0, exc
+                early = (time.perf_counter() - t) * 1e3
+            # One step of 64×512² takes seconds: deadlines at 0.5-0.7 of its estimate are
+            # admitted (within the 1.5x slack) and must stop the step between blocks.
+            big = {"cache": "off", "steps": 1, "frames": 64, "height": 512, "width": 512}
+            try:
+                c.generate("probe", deadline_s=0.01, **big)
+            except RpcError as exc:
+                estimate = exc.data["estimated_s"]
             overshoot = []
-            for deadline in (2.0, 3.0, 5.0):
+            for share in (0.5, 0.6, 0.7):
+                deadline = estimate * share
                 t = time.perf_counter()
-                try:  # one step of 16×512² takes seconds on this CPU: 200 never end in time
-                    c.generate("too slow", cache="off", steps=200, frames=16, height=512,
-                               width=512, deadline_s=deadline)
+                try:
+                    c.generate("too slow", deadline_s=deadline, **big)
                     overshoot.append(float("inf"))
                 except RpcError as exc:
                     assert exc.code == "deadline_exceeded", exc
@@ -468,11 +485,16 @@ def admission(table: Table, work: Path) -> None:
             assert c.ping()
     finally:
         code = daemon.stop()
-    table.figures["admission"] = {"refused_ms": refused, "deadline_overshoot_s": overshoot}
+    table.figures["admission"] = {"refused_ms": refused, "deadline_refused_ms": early,
+                                  "step_estimate_s": estimate,
+                                  "deadline_overshoot_s": overshoot}
     table.add("oversized request (256×1024², 1 step) refused",
               f"max {max(refused):.1f} ms over 10 (median {statistics.median(refused):.1f})",
               "< 100 ms", max(refused) < 100 and code == 0)
-    table.add("deadline inside a long step (16×512², deadlines 2, 3, 5 s)",
+    table.add("a deadline its cheapest run cannot meet (200 steps of 16×512², 5 s)",
+              f"refused in {early:.1f} ms, nothing run", "< 100 ms", early < 100)
+    table.add(f"deadline inside a long step (64×512², step estimated {estimate:.1f} s; "
+              "deadlines at 0.5, 0.6, 0.7 of it)",
               "answered " + ", ".join(f"{o:+.2f}" for o in overshoot) + " s after it",
               "within 2 s", max(overshoot) < 2.0)
 

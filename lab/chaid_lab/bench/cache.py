@@ -298,6 +298,14 @@ def run_cache_bench(
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _size(nbytes: float) -> str:
+    """12288 → "12.3 kB", 2048000 → "2.05 MB": three significant digits, a unit that fits."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def plot_hit_rates(report: dict, path: Path) -> None:
     """Hit rate against budget, one line per matcher and policy, as a PNG."""
     try:
@@ -321,12 +329,13 @@ def plot_hit_rates(report: dict, path: Path) -> None:
     ax.set_xscale("log")
     # Ticks at the measured budgets, labelled in plain MB (log-scale defaults read "3x10^1").
     budgets_mb = sorted({x for points in lines.values() for x, _ in points})
-    ax.set_xticks(budgets_mb, [f"{mb:.0f}" for mb in budgets_mb])
+    ax.set_xticks(budgets_mb, [f"{mb:.3g}" for mb in budgets_mb])
     ax.minorticks_off()
     ax.set_xlabel("cache budget (MB)")
     ax.set_ylabel("hit rate")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{report['prompts']} prompts, {report['payload_bytes'] / 1e6:.1f} MB per entry")
+    ax.set_title(f"{report['prompts']} prompts, {_size(report['payload_bytes'])} of latents "
+                 f"per entry")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

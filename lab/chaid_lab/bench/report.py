@@ -252,6 +252,13 @@ def tables(report: dict) -> str:
     return "\n".join(lines)
 
 
+# Smallest judge-score span of the quality plot's y-axis.
+QUALITY_Y_SPAN = 0.05
+# Where each method's label goes, in points from its marker.
+_LABEL_OFFSETS = {"full-30": (4, 6), "plain-8": (4, 6), "chai-8": (4, -22),
+                  "chai-8+intra": (4, -12)}
+
+
 def plot_quality_vs_latency(quality: dict, path: Path) -> None:
     """Judge score against median latency, one marker per method, one panel per workload."""
     from chaid_lab.shapes.suite import _require_matplotlib
@@ -268,14 +275,23 @@ def plot_quality_vs_latency(quality: dict, path: Path) -> None:
                 continue
             ax.scatter(m["latency_ms_median"], m["judge"], s=90 if "chai" in m["name"] else 50,
                        marker=markers.get(m["name"], "o"), label=m["name"])
-            # methods that land on one another (CHAI with and without the intra cache,
-            # full-30 and a NIRVANA-VID that never hit) get their labels on opposite sides
-            above = m["name"] in ("chai-8", "full-30")
+            # methods that land on one another (plain-8 and CHAI, CHAI with and without
+            # the intra cache, full-30 and a NIRVANA-VID that never hit) get their labels
+            # on different sides
             ax.annotate(m["name"], (m["latency_ms_median"], m["judge"]), fontsize=7,
-                        xytext=(4, 6) if above else (4, -10), textcoords="offset points")
+                        xytext=_LABEL_OFFSETS.get(m["name"], (4, -10)),
+                        textcoords="offset points")
         ax.set_xlabel("median end-to-end latency (ms)")
         ax.set_ylabel("judge score")
-        ax.set_title(f"{workload} workload")
+        # At least QUALITY_Y_SPAN of judge score on the axis: the methods differ by a few
+        # thousandths, within their paired intervals, which a tight axis shows as gaps.
+        scores = [m["judge"] for m in quality["methods"]
+                  if m["workload"] == workload and m["judge"] is not None]
+        if scores:
+            middle = (max(scores) + min(scores)) / 2
+            half = max(QUALITY_Y_SPAN, max(scores) - min(scores)) / 2 * 1.1
+            ax.set_ylim(middle - half, middle + half)
+        ax.set_title(f"{workload} workload (paired intervals: docs/results.md)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

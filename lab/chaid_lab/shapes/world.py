@@ -19,18 +19,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Label vocabularies. The position of a name is its integer label: append, never reorder,
-# or trained judges and datasets change meaning.
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "white", "purple", "orange")
-MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "bouncing", "still")
-BACKGROUNDS: tuple[str, ...] = ("grassy field", "ocean", "desert", "snowy field", "night sky")
-
-# Label of the absent second object in :func:`labels`.
-NO_OBJECT = -1
-LABEL_KEYS: tuple[str, ...] = (
-    "background", "num_objects", "shape", "colour", "motion", "shape_2", "colour_2", "motion_2",
+from chaid.models.shapes_vocab import (
+    BACKGROUNDS,
+    COLOURS,
+    LABEL_KEYS,
+    MOTIONS,
+    NO_OBJECT,
+    SHAPES,
 )
+
+# The label vocabularies and their keys are the product's (what the tiny-shapes model was
+# trained to draw): chaid/models/shapes_vocab.py.
 
 # Fill colour (linear 0..1 RGB) of each named colour: saturated enough that the name holds
 # under the lighting range of SceneDistribution, far apart enough for nearest-colour decoding.
