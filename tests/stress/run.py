@@ -465,7 +465,7 @@ def admission(table: Table, work: Path) -> None:
             except RpcError as exc:
                 assert exc.code == "deadline_exceeded" and exc.data["steps_done"] == 0, exc
                 early = (time.perf_counter() - t) * 1e3
-            # One step of 64×512² takes seconds: deadlines at 0.5-0.7 of its estimate are
+            # One step of 64×512² takes seconds: deadlines at 0.7-0.9 of its estimate are
             # admitted (within the 1.5x slack) and must stop the step between blocks.
             big = {"cache": "off", "steps": 1, "frames": 64, "height": 512, "width": 512}
             try:
@@ -473,7 +473,7 @@ def admission(table: Table, work: Path) -> None:
             except RpcError as exc:
                 estimate = exc.data["estimated_s"]
             overshoot = []
-            for share in (0.5, 0.6, 0.7):
+            for share in (0.7, 0.8, 0.9):
                 deadline = estimate * share
                 t = time.perf_counter()
                 try:
@@ -494,7 +494,7 @@ def admission(table: Table, work: Path) -> None:
     table.add("a deadline its cheapest run cannot meet (200 steps of 16×512², 5 s)",
               f"refused in {early:.1f} ms, nothing run", "< 100 ms", early < 100)
     table.add(f"deadline inside a long step (64×512², step estimated {estimate:.1f} s; "
-              "deadlines at 0.5, 0.6, 0.7 of it)",
+              "deadlines at 0.7, 0.8, 0.9 of it)",
               "answered " + ", ".join(f"{o:+.2f}" for o in overshoot) + " s after it",
               "within 2 s", max(overshoot) < 2.0)
 
