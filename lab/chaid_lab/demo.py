@@ -31,8 +31,11 @@ START_TIMEOUT_S = 180.0
 
 
 def register_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="start a daemon, run a short CHAI session, stop it",
-                       description=__doc__.splitlines()[0])
+    p = sub.add_parser(
+        "demo", help="start a daemon, run a short CHAI session, stop it",
+        description="Start chaid serve on a temporary socket and data directory, send a miss, "
+        "prompts that share an entity with it (hits: 8 steps instead of 30) and an unrelated "
+        "prompt, write the videos, print a table and the speed-up, then stop the daemon.")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where videos go")
     p.add_argument("--model", default=None, help="model preset (default: the default model)")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
