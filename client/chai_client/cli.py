@@ -153,6 +153,9 @@ class OutputError(Exception):
 def check_output(path: Path) -> None:
     """Refuse an output the video could not be written to, before generating it."""
     if str(path) == "-":
+        if sys.stdout.isatty():
+            raise OutputError("-o - writes the MP4 to standard output, which is a terminal; "
+                              "redirect it (chai generate ... -o - > video.mp4)")
         return
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file name, e.g. {path / 'video.mp4'}")
