@@ -268,6 +268,8 @@ METHODS: dict[str, bool] = {
 
 CACHE_MODES = tuple(mode.value for mode in CacheMode)
 VIDEO_FORMATS = ("mp4", "frames")
+# Highest priority a generate may ask for (0, the default, is the lowest).
+MAX_PRIORITY = 9
 # Largest number of entries one cache.list or cache.evict names; bounds response sizes.
 MAX_LIST = 10_000
 # Largest entry id: ids are LMDB keys of 8 bytes, signed for msgpack's sake.
@@ -373,6 +375,9 @@ PARAMS: dict[str, dict[str, Param]] = {
         "cache": Param(_choice(CACHE_MODES), default=CacheMode.AUTO.value),
         "format": Param(_choice(VIDEO_FORMATS), default="mp4"),
         "progress": Param(_bool, default=False),
+        # Order among this client's own queued requests (higher first); clients take turns
+        # whatever their priorities (chaid/engine/scheduler.py).
+        "priority": Param(_int_in(0, MAX_PRIORITY), default=0),
         **_DEADLINE,
     },
     "cancel": {"request_id": Param(_int_in(0, MAX_REQUEST_ID), required=True)},

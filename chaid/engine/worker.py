@@ -1,4 +1,5 @@
-"""The device worker: one per device, taking generation jobs from a bounded queue.
+"""The device worker: one per device, taking generation jobs from a bounded, fair queue
+(:mod:`chaid.engine.scheduler`: clients take turns).
 
 A :class:`Job` is the per-request object: its resolved request, cache mode, state, progress
 callback and outcome live here, never on the shared engine. The worker runs one job at a
@@ -29,6 +30,7 @@ import trio
 from chaid import interrupt
 from chaid.engine.chai import ChaiEngine, ChaiOutcome
 from chaid.engine.pipeline import GenerationRequest
+from chaid.engine.scheduler import FairQueue
 from chaid.errors import InputError
 from chaid.modes import CacheMode, Outcome, decide, needs_lookup, steps_for
 from chaid.store.matching import LookupResult
@@ -44,10 +46,6 @@ class JobState(enum.Enum):
     FAILED = "failed"
 
 
-class QueueFull(Exception):
-    """The worker's queue holds queue_size jobs already."""
-
-
 ProgressCallback = Callable[[int, int, float], None]
 
 
@@ -61,6 +59,10 @@ class Job:
     on_progress: ProgressCallback | None = None
     # Who asked (the peer's uid): a miss's entry records it as its owner.
     owner_uid: int | None = None
+    # (user, connection) for the fair queue's turns, and the job's priority among its
+    # client's own jobs (higher first).
+    client: tuple = (None, 0)
+    priority: int = 0
     state: JobState = JobState.QUEUED
     outcome: ChaiOutcome | None = None
     error: BaseException | None = None
@@ -106,7 +108,7 @@ class DeviceWorker:
         self.lookup_limiter = lookup_limiter
         # One token: exactly one thread drives the device at a time.
         self.device_limiter = trio.CapacityLimiter(1)
-        self._send, self._receive = trio.open_memory_channel[Job](queue_size)
+        self.queue: FairQueue[Job] = FairQueue(queue_size)
         self.running: Job | None = None
         self.completed = 0
         # Finished jobs by outcome, and those cancelled or failed.
@@ -114,30 +116,26 @@ class DeviceWorker:
 
     @property
     def queued(self) -> int:
-        return self._send.statistics().current_buffer_used
+        return len(self.queue)
 
     def submit(self, job: Job) -> None:
         """Queue a job without waiting; QueueFull when queue_size jobs already wait."""
-        try:
-            self._send.send_nowait(job)
-        except trio.WouldBlock:
-            raise QueueFull from None
+        self.queue.put_nowait(job)
 
     def close(self) -> None:
         """Accept no more jobs; :meth:`run` returns once the queued ones are done."""
-        self._send.close()
+        self.queue.close()
 
     async def run(self) -> None:
-        """Take jobs until the queue is closed and drained."""
-        async with self._receive:
-            async for job in self._receive:
-                if job.done.is_set():  # cancelled while queued
-                    continue
-                self.running = job
-                try:
-                    await self._execute(job)
-                finally:
-                    self.running = None
+        """Take jobs, clients in turn, until the queue is closed and drained."""
+        while (job := await self.queue.get()) is not None:
+            if job.done.is_set():  # cancelled while queued
+                continue
+            self.running = job
+            try:
+                await self._execute(job)
+            finally:
+                self.running = None
 
     async def _execute(self, job: Job) -> None:
         job.state = JobState.RUNNING

@@ -25,7 +25,8 @@ from chaid import __version__
 from chaid.config import Settings
 from chaid.engine.chai import ChaiEngine, lookup_as_dict
 from chaid.engine.cost import Admission, CostModel, TooCostly
-from chaid.engine.worker import DeviceWorker, Job, JobState, QueueFull
+from chaid.engine.scheduler import QueueFull
+from chaid.engine.worker import DeviceWorker, Job, JobState
 from chaid.errors import ChaidError, InputError
 from chaid.modes import CacheMode, Outcome, decide, steps_for
 from chaid.protocol import METHODS, PROTOCOL_VERSION, ErrorCode, Request, RpcError, response
@@ -249,7 +250,8 @@ class Daemon:
             def on_progress(step: int, steps: int, t: float) -> None:
                 conn.notify("progress", {"request_id": req.id, "step": step, "steps": steps,
                                          "t": round(t, 3)})
-        job = Job(request, mode, on_progress, owner_uid=conn.peer.uid)
+        job = Job(request, mode, on_progress, owner_uid=conn.peer.uid,
+                  client=(conn.peer.uid, conn.number), priority=p.get("priority", 0))
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -354,6 +356,7 @@ class Daemon:
             "device": str(self.engine.pipeline.device),
             "fingerprint": self.engine.fingerprint,
             "queue": {"size": self.worker.queue_size, "queued": self.worker.queued,
+                      "clients": self._queue_depths(conn),
                       "running": None if running is None else {
                           "steps_done": running.steps_done, "steps": running.steps_total}},
             "generations": {str(k): v for k, v in self.worker.counts.items()},
@@ -365,6 +368,15 @@ class Daemon:
                       "write_failures": self.engine.store_write_failures},
             "peer": {"uid": conn.peer.uid, "gid": conn.peer.gid, "admin": conn.admin},
         }
+
+    def _queue_depths(self, conn: Connection) -> list[dict[str, Any]]:
+        """Queued jobs per client ({uid, connection, queued}) in the order they take turns;
+        with private prompts, a non-admin sees only its own uid's."""
+        depths = [{"uid": d["user"], "connection": d["connection"], "queued": d["queued"]}
+                  for d in self.worker.queue.depths()]
+        if self._private_for(conn):
+            depths = [d for d in depths if d["uid"] == conn.peer.uid]
+        return depths
 
     async def cache_lookup(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
         request = self._resolve({**p, "seed": 0, "cfg_scale": None})

@@ -23,10 +23,12 @@ def default_socket() -> Path:
 def generate_params(
     prompt: str, *, frames: int | None, height: int | None, width: int | None, seed: int,
     cfg_scale: float | str | None, cache: str, steps: int | None, format: str, progress: bool,
-    deadline_s: float | None,
+    deadline_s: float | None, priority: int = 0,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {"prompt": prompt, "seed": seed, "cache": cache,
                               "format": format, "progress": progress}
+    if priority:  # left out: 0, which older daemons also take
+        params["priority"] = priority
     for name, value in (("frames", frames), ("height", height), ("width", width),
                         ("steps", steps), ("deadline_s", deadline_s)):
         if value is not None:

@@ -170,11 +170,12 @@ class AsyncClient:
         width: int | None = None, seed: int = 0, cfg_scale: float | str | None = MODEL_CFG_SCALE,
         cache: str = "auto", steps: int | None = None, format: str = "mp4",
         deadline_s: float | None = None, on_progress: ProgressCallback | None = None,
+        priority: int = 0,
     ) -> GenerateResult:
         params = generate_params(prompt, frames=frames, height=height, width=width,
                                  seed=seed, cfg_scale=cfg_scale, cache=cache, steps=steps,
                                  format=format, progress=on_progress is not None,
-                                 deadline_s=deadline_s)
+                                 deadline_s=deadline_s, priority=priority)
         t0 = time.perf_counter()
         result = await self.call("generate", params, on_progress)
         return GenerateResult.from_wire(result, (time.perf_counter() - t0) * 1e3)

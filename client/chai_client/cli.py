@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "off: no cache, --steps plain steps")
     g.add_argument("--steps", type=int, help="steps of an uncached run (--cache off)")
     g.add_argument("--deadline", type=float, help="give up after this many seconds")
+    g.add_argument("--priority", type=int, default=0,
+                   help="0-9: order among this client's own queued requests (default: 0)")
     _json(g, "print one JSON object (to standard error with -o -)")
     g.set_defaults(func=_generate)
 
@@ -179,7 +181,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         result = client.generate(
             args.prompt, frames=args.frames, height=args.height, width=args.width,
             seed=args.seed, cfg_scale=scale, cache=args.cache, steps=args.steps,
-            deadline_s=args.deadline, on_progress=bar)
+            deadline_s=args.deadline, on_progress=bar, priority=args.priority)
     finally:
         if bar:
             bar.close()

@@ -173,14 +173,17 @@ class Client:
         width: int | None = None, seed: int = 0, cfg_scale: float | str | None = MODEL_CFG_SCALE,
         cache: str = "auto", steps: int | None = None, format: str = "mp4",
         deadline_s: float | None = None, on_progress: ProgressCallback | None = None,
+        priority: int = 0,
     ) -> GenerateResult:
         """Generate a video. ``cache``: "auto" (hit → fast, miss → full and cache),
         "refresh" (force a miss) or "off" (``steps`` plain steps, cache untouched).
-        ``on_progress(step, steps)`` is called before each denoising step."""
+        ``on_progress(step, steps)`` is called before each denoising step. ``priority``
+        (0-9) orders this client's own queued requests; clients take turns whatever
+        their priorities."""
         params = generate_params(prompt, frames=frames, height=height, width=width,
                                  seed=seed, cfg_scale=cfg_scale, cache=cache, steps=steps,
                                  format=format, progress=on_progress is not None,
-                                 deadline_s=deadline_s)
+                                 deadline_s=deadline_s, priority=priority)
         t0 = time.perf_counter()
         result = self.call("generate", params, on_progress)
         return GenerateResult.from_wire(result, (time.perf_counter() - t0) * 1e3)

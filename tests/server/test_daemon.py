@@ -418,3 +418,43 @@ def test_prompt_without_entities_and_cache_warm(shared_daemon):
         warmed = c.cache_warm("a white circle rising over the night sky")
         assert warmed["entry_id"] is not None and warmed["steps"] == 30
         assert c.generate("a green square over the night sky").cache == "hit"
+
+
+def test_connections_take_turns_at_the_device(shared_daemon):
+    """One connection queues four long jobs; another's single job is served in turn, not
+    behind all four (the queue is fair between clients: chaid/engine/scheduler.py)."""
+    done: dict[int, float] = {}
+    flood = raw_connect(shared_daemon.socket, timeout=120)
+    reader = Reader(flood)
+
+    def read_flood() -> None:
+        while len(done) < 4:
+            frame = reader.next()
+            if frame is None:
+                return
+            if frame[0] == 1:
+                assert frame[2] is None, frame[2]
+                done[frame[1]] = time.monotonic()
+
+    thread = threading.Thread(target=read_flood)
+    thread.start()
+    try:
+        for i in range(1, 5):
+            send(flood, "generate", {"prompt": f"flood {i}", "cache": "off", "steps": 20,
+                                     **LONG}, msgid=i)
+        time.sleep(0.3)
+        with Client(shared_daemon.socket) as c:
+            clients = c.stats()["queue"]["clients"]
+            assert sum(d["queued"] for d in clients) >= 2 and all(d["uid"] == os.getuid()
+                                                                   for d in clients)
+            c.generate("my turn", cache="off", steps=20, **LONG)
+            mine = time.monotonic()
+            with pytest.raises(InvalidParams, match="priority"):
+                c.generate("too urgent", cache="off", steps=1, priority=10)
+        thread.join(120)
+    finally:
+        flood.close()
+    assert len(done) == 4
+    # In arrival order it would have come after all four; in turn, at most two go first
+    # (the one running when it arrived, and the flood's next turn).
+    assert sum(t > mine for t in done.values()) >= 2, (mine, done)
