@@ -167,6 +167,12 @@ class ServerSettings:
     # 1 for a small model on the CPU (more threads lose 2-2.5x beside other busy work and
     # gain 1.5x on an idle machine), torch's default (every core) otherwise.
     torch_threads: int = 0
+    # Devices with one worker (and one model replica) each, sharing the queue and the store.
+    # Empty: every visible GPU when model.device is "auto", else model.device.
+    devices: tuple[str, ...] = ()
+    # Workers on a CPU device: each runs its own model replica on torch_threads threads,
+    # so a small model uses N cores as N workers of one thread (tiny-shapes: docs/deploy.md).
+    cpu_workers: int = 1
     # "text" for people, "json" for log collectors (one object per line).
     log_format: str = "text"
     # Lowest level logged: debug, info, warning, error.
@@ -256,6 +262,10 @@ class Settings:
             raise ConfigError(f"server.grace_period_s must be >= 0, not {srv.grace_period_s}")
         if srv.rate_per_s < 0 or srv.rate_burst < 1:
             raise ConfigError("server.rate_per_s must be >= 0 and server.rate_burst >= 1")
+        check_int("server.cpu_workers", srv.cpu_workers, 1, 64, ConfigError)
+        for device in srv.devices:
+            if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
+                raise ConfigError(f"server.devices: {device!r} is not cpu, cuda or cuda:N")
         if srv.torch_threads < 0:
             raise ConfigError(f"server.torch_threads must be >= 0, not {srv.torch_threads}")
         if srv.log_format not in ("text", "json"):

@@ -14,6 +14,7 @@ with Cache Attention on the entry's latents, a miss runs full and its latents z_
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -25,7 +26,12 @@ import numpy as np
 import torch
 
 from chaid.config import MODEL_CFG_SCALE, Settings
-from chaid.engine.pipeline import GenerationRequest, GenerationResult, Pipeline
+from chaid.engine.pipeline import (
+    GenerationRequest,
+    GenerationResult,
+    Pipeline,
+    worker_devices,
+)
 from chaid.models import ModelParts
 from chaid.models.shapes_vocab import Understanding
 from chaid.models.weights import resolve_weights_file
@@ -111,6 +117,11 @@ def lookup_as_dict(lk: LookupResult) -> dict[str, Any]:
     }
 
 
+def _on_device(settings: Settings, device: str) -> Settings:
+    return dataclasses.replace(settings, model=dataclasses.replace(settings.model,
+                                                                   device=device))
+
+
 class ChaiEngine:
     """A warm pipeline plus the latent store; see the module docstring for the modes."""
 
@@ -142,6 +153,30 @@ class ChaiEngine:
         log.info("model %s on %s, fingerprint %s, %d cached entries", spec.name,
                  pipeline.device, fingerprint, len(store))
         return cls(pipeline, store, fingerprint, settings.sampler.steps)
+
+    @classmethod
+    def load_workers(cls, settings: Settings) -> list[ChaiEngine]:
+        """One engine per worker device (:func:`worker_devices`): the first opens the store
+        and loads the model, each other one loads its own replica of the model and shares
+        the store and the fingerprint."""
+        devices = worker_devices(settings)
+        first = cls.load(_on_device(settings, devices[0]))
+        engines = [first]
+        try:
+            for device in devices[1:]:
+                engines.append(first.replica(_on_device(settings, device)))
+        except BaseException:
+            first.close()
+            raise
+        if len(engines) > 1:
+            log.info("%d workers: %s", len(engines),
+                     ", ".join(str(e.pipeline.device) for e in engines))
+        return engines
+
+    def replica(self, settings: Settings) -> ChaiEngine:
+        """Another engine for ``settings.model.device``: its own model, this one's store."""
+        return ChaiEngine(Pipeline.from_settings(settings), self.store, self.fingerprint,
+                          self.default_steps)
 
     def close(self) -> None:
         self.store.close()

@@ -128,6 +128,22 @@ def apply_torch_threads(settings: Settings) -> int:
     return torch.get_num_threads()
 
 
+def worker_devices(settings: Settings) -> list[str]:
+    """One device per worker: ``server.devices``, else every visible GPU when
+    ``model.device`` is "auto", else ``model.device``; a CPU device appears
+    ``server.cpu_workers`` times."""
+    devices = list(settings.server.devices)
+    if not devices:
+        if settings.model.device == "auto" and torch.cuda.device_count() > 0:
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        else:
+            devices = [str(resolve_device(settings.model.device))]
+    out = []
+    for name in devices:
+        out += [name] * (settings.server.cpu_workers if name == "cpu" else 1)
+    return out
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,5 +1,8 @@
-"""The device worker: one per device, taking generation jobs from a bounded, fair queue
-(:mod:`chaid.engine.scheduler`: clients take turns).
+"""The device workers: one per device (or several sharing a CPU's cores), all taking
+generation jobs from one bounded, fair queue (:mod:`chaid.engine.scheduler`: clients take
+turns). A worker that becomes free takes the next job in turn, so a job never waits behind
+a busy device while another is idle. Every worker has its own model replica; all share
+one store, so a miss written by one worker is a hit for the next lookup of any.
 
 A :class:`Job` is the per-request object: its resolved request, cache mode, state, progress
 callback and outcome live here, never on the shared engine. The worker runs one job at a
@@ -63,6 +66,8 @@ class Job:
     # client's own jobs (higher first).
     client: tuple = (None, 0)
     priority: int = 0
+    # The index of the worker that ran it (None while queued).
+    worker: int | None = None
     state: JobState = JobState.QUEUED
     outcome: ChaiOutcome | None = None
     error: BaseException | None = None
@@ -98,25 +103,37 @@ class Job:
             self.on_progress(step, steps, t)
 
 
-class DeviceWorker:
-    """Runs jobs one at a time on the engine's device; see the module docstring."""
+class WorkerPool:
+    """The fair queue and the device workers that drain it."""
 
-    def __init__(self, engine: ChaiEngine, queue_size: int,
+    def __init__(self, engines: list[ChaiEngine], queue_size: int,
                  lookup_limiter: trio.CapacityLimiter) -> None:
-        self.engine = engine
+        if not engines:
+            raise ValueError("a pool needs at least one engine")
         self.queue_size = queue_size
-        self.lookup_limiter = lookup_limiter
-        # One token: exactly one thread drives the device at a time.
-        self.device_limiter = trio.CapacityLimiter(1)
         self.queue: FairQueue[Job] = FairQueue(queue_size)
-        self.running: Job | None = None
-        self.completed = 0
-        # Finished jobs by outcome, and those cancelled or failed.
+        # Finished jobs by outcome, and those cancelled or failed, over all workers.
         self.counts: dict[str, int] = {**{o: 0 for o in Outcome}, "cancelled": 0, "failed": 0}
+        self.workers = [DeviceWorker(i, engine, self.queue, lookup_limiter, self.counts)
+                        for i, engine in enumerate(engines)]
+
+    @property
+    def engine(self) -> ChaiEngine:
+        """The first worker's engine (the store, the fingerprint and the settings are
+        every worker's)."""
+        return self.workers[0].engine
 
     @property
     def queued(self) -> int:
         return len(self.queue)
+
+    @property
+    def running(self) -> list[Job]:
+        return [w.running for w in self.workers if w.running is not None]
+
+    @property
+    def completed(self) -> int:
+        return sum(w.completed for w in self.workers)
 
     def submit(self, job: Job) -> None:
         """Queue a job without waiting; QueueFull when queue_size jobs already wait."""
@@ -125,6 +142,32 @@ class DeviceWorker:
     def close(self) -> None:
         """Accept no more jobs; :meth:`run` returns once the queued ones are done."""
         self.queue.close()
+
+    async def run(self) -> None:
+        """Run every worker until the queue is closed and drained."""
+        async with trio.open_nursery() as nursery:
+            for worker in self.workers:
+                nursery.start_soon(worker.run)
+
+
+class DeviceWorker:
+    """Runs jobs one at a time on its engine's device; see the module docstring."""
+
+    def __init__(self, index: int, engine: ChaiEngine, queue: FairQueue[Job],
+                 lookup_limiter: trio.CapacityLimiter, counts: dict[str, int]) -> None:
+        self.index = index
+        self.engine = engine
+        self.queue = queue
+        self.lookup_limiter = lookup_limiter
+        # One token: exactly one thread drives this worker's model at a time.
+        self.device_limiter = trio.CapacityLimiter(1)
+        self.running: Job | None = None
+        self.completed = 0
+        self.counts = counts
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.pipeline.device)
 
     async def run(self) -> None:
         """Take jobs, clients in turn, until the queue is closed and drained."""
@@ -139,6 +182,7 @@ class DeviceWorker:
 
     async def _execute(self, job: Job) -> None:
         job.state = JobState.RUNNING
+        job.worker = self.index
         job.started_at = time.perf_counter()
         try:
             with job.scope:

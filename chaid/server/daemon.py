@@ -2,7 +2,8 @@
 
 Start: settings → store (consistency check and index rebuild happen as it opens) → models
 → listeners (adopted from systemd or bound) → ``READY=1``. Serve: one accept loop per
-listener, one :class:`~chaid.server.connection.Connection` per client, one device worker.
+listener, one :class:`~chaid.server.connection.Connection` per client, one device worker
+per device (chaid/engine/worker.py; `server.devices`, `server.cpu_workers`).
 Stop (SIGTERM or SIGINT): ``STOPPING=1``, close the listeners, answer new requests with
 ``shutting_down``, give in-flight requests ``server.grace_period_s`` to finish and their
 answers to be sent, cancel the rest (each gets a ``shutting_down`` error), close
@@ -26,7 +27,7 @@ from chaid.config import Settings
 from chaid.engine.chai import ChaiEngine, lookup_as_dict
 from chaid.engine.cost import Admission, CostModel, TooCostly
 from chaid.engine.scheduler import QueueFull
-from chaid.engine.worker import DeviceWorker, Job, JobState
+from chaid.engine.worker import Job, JobState, WorkerPool
 from chaid.errors import ChaidError, InputError
 from chaid.modes import CacheMode, Outcome, decide, steps_for
 from chaid.protocol import METHODS, PROTOCOL_VERSION, ErrorCode, Request, RpcError, response
@@ -77,18 +78,20 @@ DEADLINE_SLACK = 1.5
 class Daemon:
     """The serving state shared by every connection: engine, worker, limits, counters."""
 
-    def __init__(self, settings: Settings, engine: ChaiEngine, access: AccessPolicy,
+    def __init__(self, settings: Settings, engines: list[ChaiEngine], access: AccessPolicy,
                  notifier: Notifier, cost: CostModel) -> None:
         srv = settings.server
         self.settings = settings
-        self.engine = engine
+        # The first worker's engine: the store, the fingerprint and the request rules are
+        # every worker's.
+        self.engine = engines[0]
         self.admission = Admission.from_settings(cost, srv.max_request_s,
                                                  srv.max_request_memory_mb)
         self.access = access
         self.notifier = notifier
         self.lookup_limiter = trio.CapacityLimiter(srv.lookup_threads)
         self.rate = RateLimiter(srv.rate_per_s, srv.rate_burst, trio.current_time)
-        self.worker = DeviceWorker(engine, srv.queue_size, self.lookup_limiter)
+        self.worker = WorkerPool(engines, srv.queue_size, self.lookup_limiter)
         self.connections: set[Connection] = set()
         # Open connections by peer uid (entries removed at zero), for the per-user cap.
         self.user_connections: dict[int, int] = {}
@@ -346,7 +349,7 @@ class Daemon:
     async def stats_handler(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
         cache_stats = await trio.to_thread.run_sync(self.engine.store.stats,
                                                     limiter=self.lookup_limiter)
-        running = self.worker.running
+        running = self.worker.running[0] if self.worker.running else None
         return {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
@@ -359,13 +362,18 @@ class Daemon:
                       "clients": self._queue_depths(conn),
                       "running": None if running is None else {
                           "steps_done": running.steps_done, "steps": running.steps_total}},
+            "workers": [{"index": w.index, "device": w.device,
+                         "running": None if w.running is None else {
+                             "steps_done": w.running.steps_done,
+                             "steps": w.running.steps_total}} for w in self.worker.workers],
             "generations": {str(k): v for k, v in self.worker.counts.items()},
             "admission": self.admission.as_dict(),
             "connections": len(self.connections),
             "requests": dict(self.stats.requests),
             "errors": dict(self.stats.errors),
             "cache": {**cache_stats,
-                      "write_failures": self.engine.store_write_failures},
+                      "write_failures": sum(w.engine.store_write_failures
+                                            for w in self.worker.workers)},
             "peer": {"uid": conn.peer.uid, "gid": conn.peer.gid, "admin": conn.admin},
         }
 
@@ -524,25 +532,26 @@ async def serve(settings: Settings) -> int:
             check_socket_path(srv.socket)
         # 1. store and models (seconds): abandoned if a signal arrives meanwhile.
         notifier.status("loading the store and the model")
-        engine: ChaiEngine | None = None
+        engines: list[ChaiEngine] = []
         cost: CostModel | None = None
         with trio.CancelScope() as loading:
             root.start_soon(_cancel_on, shutdown, loading)
-            engine = await trio.to_thread.run_sync(ChaiEngine.load, settings,
-                                                   abandon_on_cancel=True)
-            # What a request costs on this device, for admission (a second or two).
+            engines = await trio.to_thread.run_sync(ChaiEngine.load_workers, settings,
+                                                    abandon_on_cancel=True)
+            # What a request costs on a worker's device, for admission (a second or two).
             notifier.status("timing the model on the device")
-            cost = CostModel(engine.pipeline)
+            cost = CostModel(engines[0].pipeline)
             await trio.to_thread.run_sync(cost.calibrate, abandon_on_cancel=True)
-        if engine is None or cost is None or cost.calibration is None:
+        if not engines or cost is None or cost.calibration is None:
             log.info("stopped while starting")
             root.cancel_scope.cancel()
             return 0
         try:
-            code = await _serve_with(settings, engine, cost, access, notifier, shutdown, force)
+            code = await _serve_with(settings, engines, cost, access, notifier, shutdown,
+                                     force)
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(engine.close)
+            with trio.CancelScope(shield=True):  # the store, which every worker shares
+                await trio.to_thread.run_sync(engines[0].close)
             log.info("store closed; exiting")
         root.cancel_scope.cancel()
     return code
@@ -553,7 +562,7 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _serve_with(settings: Settings, engine: ChaiEngine, cost: CostModel,
+async def _serve_with(settings: Settings, engines: list[ChaiEngine], cost: CostModel,
                       access: AccessPolicy, notifier: Notifier, shutdown: trio.Event,
                       force: trio.Event) -> int:
     srv = settings.server
@@ -561,7 +570,7 @@ async def _serve_with(settings: Settings, engine: ChaiEngine, cost: CostModel,
     bound = inherited_sockets()
     if not bound:
         bound = [bind_socket(srv.socket, srv.socket_mode_bits, srv.socket_group)]
-    daemon = Daemon(settings, engine, access, notifier, cost)
+    daemon = Daemon(settings, engines, access, notifier, cost)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(daemon.worker.run)
@@ -573,9 +582,11 @@ async def _serve_with(settings: Settings, engine: ChaiEngine, cost: CostModel,
                     names = ", ".join(b.name for b in bound)
                     log.info("ready", extra=fields(
                         listen=names, model=settings.model.name,
-                        device=str(engine.pipeline.device), entries=len(engine.store),
-                        fingerprint=engine.fingerprint, pid=os.getpid()))
-                    notifier.ready(f"serving on {names}; {len(engine.store)} cached entries")
+                        device=", ".join(w.device for w in daemon.worker.workers),
+                        entries=len(daemon.engine.store),
+                        fingerprint=daemon.engine.fingerprint, pid=os.getpid()))
+                    notifier.ready(f"serving on {names}; {len(daemon.engine.store)} cached "
+                                   f"entries")
                     await shutdown.wait()
                     # 4. stop accepting, drain, close.
                     notifier.stopping("draining in-flight requests")
