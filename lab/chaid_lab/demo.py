@@ -46,7 +46,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
 
 
-def start_daemon(workdir: Path, model: str | None) -> tuple[subprocess.Popen, Path, Path]:
+def start_daemon(workdir: Path, model: str | None, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, Path, Path]:
     sock = workdir / "chaid.sock"
     log_path = workdir / "chaid.log"
     cmd = [sys.executable, "-m", "chaid", "serve", "--socket", str(sock),
@@ -55,7 +56,7 @@ def start_daemon(workdir: Path, model: str | None) -> tuple[subprocess.Popen, Pa
         cmd += ["--model", model]
     # The daemon's own thread default (one torch thread for a small model on the CPU);
     # one embedder thread beside it.
-    env = {**os.environ, "CHAID_STORE_EMBEDDER_THREADS": "1"}
+    env = {**os.environ, "CHAID_STORE_EMBEDDER_THREADS": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, sock, log_path

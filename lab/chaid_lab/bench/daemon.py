@@ -40,6 +40,9 @@ def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
     default = ",".join(map(str, DEFAULT_CLIENTS))
     p.add_argument("--clients", default=default, help=f"concurrency levels (default {default})")
+    p.add_argument("--workers", default="1",
+                   help="CPU workers of the daemon (server.cpu_workers), a comma list: every "
+                        "client level runs with each (default 1)")
     p.add_argument("--warm", type=int, default=20, help="unmeasured warm-up prompts (20)")
     p.add_argument("--serve", type=int, default=96, help="measured prompts per level (96)")
     p.add_argument("--seed", type=int, default=0, help="stream seed (default 0)")
@@ -100,13 +103,15 @@ def in_process(model: str, warm: list[str], serve: list[str], workdir: Path) -> 
 
 
 def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
-                   workdir: Path) -> dict:
-    """A fresh daemon, warmed, then ``serve`` from ``clients`` concurrent connections."""
+                   workdir: Path, workers: int = 1) -> dict:
+    """A fresh daemon with ``workers`` CPU workers, warmed, then ``serve`` from ``clients``
+    concurrent connections."""
     from chai_client import BusyError, Client
     from chaid_lab.demo import start_daemon, wait_ready
 
     workdir.mkdir(parents=True)
-    proc, sock, log_path = start_daemon(workdir, model)
+    proc, sock, log_path = start_daemon(workdir, model,
+                                        {"CHAID_SERVER_CPU_WORKERS": str(workers)})
     try:
         wait_ready(proc, sock, log_path)
         with Client(sock) as c:
@@ -156,11 +161,11 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.wait(120)
-    return {**_level(clients, wall, results), "busy_retries": busy[0]}
+    return {**_level(clients, wall, results), "workers": workers, "busy_retries": busy[0]}
 
 
 def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: int,
-                     serve_n: int, seed: int = 0) -> dict:
+                     serve_n: int, seed: int = 0, workers: tuple[int, ...] = (1,)) -> dict:
     """The Shapes stream in process, then through a fresh daemon per client level."""
     from chaid_lab.bench.quality import shapes_stream
 
@@ -172,13 +177,15 @@ def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: in
         print(f"in process: {warm_n} warm-up + {serve_n} prompts", file=sys.stderr, flush=True)
         ref = in_process(model, warm, serve, Path(tmp))
         report["in_process"] = ref
-        for n in levels:
-            print(f"daemon, {n} client(s)", file=sys.stderr, flush=True)
-            level = through_daemon(model, n, warm, serve, Path(tmp) / f"daemon-{n}")
-            level["throughput_vs_in_process"] = round(
-                level["throughput_rps"] / ref["throughput_rps"], 3
-            )
-            report["levels"].append(level)
+        for w in workers:
+            for n in levels:
+                print(f"daemon, {w} worker(s), {n} client(s)", file=sys.stderr, flush=True)
+                level = through_daemon(model, n, warm, serve, Path(tmp) / f"daemon-{w}-{n}",
+                                       workers=w)
+                level["throughput_vs_in_process"] = round(
+                    level["throughput_rps"] / ref["throughput_rps"], 3
+                )
+                report["levels"].append(level)
     return report
 
 
@@ -190,7 +197,8 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
     warm_n, serve_n = (4, 8) if args.quick else (args.warm, args.serve)
     if warm_n < 0 or serve_n < 1:
         raise ChaidError("--warm must be >= 0 and --serve >= 1")
-    report = run_daemon_bench(args.model, levels, warm_n, serve_n, args.seed)
+    workers = tuple(sorted(set(int_list("--workers", args.workers, 1, 64))))
+    report = run_daemon_bench(args.model, levels, warm_n, serve_n, args.seed, workers)
     print(format_table(report))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,18 +208,18 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
 
 def format_table(report: dict) -> str:
     lines = [
-        f"{'clients':>10}{'wall s':>9}{'req/s':>8}{'vs in-proc':>11}{'p50 ms':>9}"
+        f"{'workers':>8}{'clients':>10}{'wall s':>9}{'req/s':>8}{'vs in-proc':>11}{'p50 ms':>9}"
         f"{'p99 ms':>9}{'hit rate':>9}{'busy':>6}"
     ]
     ref = report["in_process"]
     lines.append(
-        f"{'in-proc':>10}{ref['wall_s']:>9.1f}{ref['throughput_rps']:>8.2f}{1.0:>11.2f}"
+        f"{'':>8}{'in-proc':>10}{ref['wall_s']:>9.1f}{ref['throughput_rps']:>8.2f}{1.0:>11.2f}"
         f"{ref['latency_ms']['p50']:>9.0f}{ref['latency_ms']['p99']:>9.0f}"
         f"{ref['hit_rate']:>9.2f}{'':>6}"
     )
     for lv in report["levels"]:
         lines.append(
-            f"{lv['clients']:>10}{lv['wall_s']:>9.1f}{lv['throughput_rps']:>8.2f}"
+            f"{lv.get('workers', 1):>8}{lv['clients']:>10}{lv['wall_s']:>9.1f}{lv['throughput_rps']:>8.2f}"
             f"{lv['throughput_vs_in_process']:>11.2f}{lv['latency_ms']['p50']:>9.0f}"
             f"{lv['latency_ms']['p99']:>9.0f}{lv['hit_rate']:>9.2f}{lv['busy_retries']:>6}"
         )

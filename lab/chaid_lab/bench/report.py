@@ -134,7 +134,9 @@ def _daemon(cfg: ReportConfig) -> dict:
     from chaid_lab.bench.daemon import run_daemon_bench
 
     levels, warm_n, serve_n = cfg.daemon
-    return run_daemon_bench(cfg.model, levels, warm_n, serve_n, cfg.seed)
+    # One worker, and one per core up to two (server.cpu_workers) where there are two.
+    workers = (1,) if cfg.quick or (os.cpu_count() or 1) < 2 else (1, 2)
+    return run_daemon_bench(cfg.model, levels, warm_n, serve_n, cfg.seed, workers)
 
 
 PARTS = {"steps": _steps, "quality": _quality, "ablation": _ablation,
