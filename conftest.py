@@ -61,3 +61,54 @@ def tmpfs():
             subprocess.run(["umount", "-l", str(path)], check=False)
 
     return mount
+
+
+class RedisServer:
+    """A real ``redis-server`` on a Unix socket in a temporary directory, no persistence:
+    stopped and started again it comes back empty (a flush, as far as the tier knows)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "redis.sock"
+        self.url = f"unix://{self.socket}"
+        self.proc = None
+
+    def start(self) -> RedisServer:
+        import subprocess
+        import time
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", "0", "--unixsocket", str(self.socket),
+             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.socket.unlink(missing_ok=True)
+
+    def client(self):
+        import redis
+
+        return redis.Redis(unix_socket_path=str(self.socket))
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A fresh redis-server for one test (Debian's ``redis-server``; .ci/run installs it)."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server): the "
+                    "shared tier's tests need a real one")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

@@ -40,6 +40,7 @@ from chaid.store.analysis import Analyzer
 from chaid.store.cache import InsertResult, LatentCache
 from chaid.store.errors import CorruptEntryError, EntryNotFoundError, StoreError
 from chaid.store.matching import LookupResult
+from chaid.store.shared import SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class ChaiEngine:
         self.fingerprint = fingerprint
         self.default_steps = default_steps
         self.store_write_failures = 0  # misses whose latents the store could not write
+        # The fleet's shared tier (store.shared_url), or None; the first engine owns it.
+        self.shared: SharedTier | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> ChaiEngine:
@@ -152,7 +155,12 @@ class ChaiEngine:
             raise
         log.info("model %s on %s, fingerprint %s, %d cached entries", spec.name,
                  pipeline.device, fingerprint, len(store))
-        return cls(pipeline, store, fingerprint, settings.sampler.steps)
+        engine = cls(pipeline, store, fingerprint, settings.sampler.steps)
+        if settings.store.shared_url:
+            engine.shared = SharedTier(settings.store.shared_url, store,
+                                       namespace=settings.store.shared_namespace,
+                                       cluster=settings.store.shared_cluster).start()
+        return engine
 
     @classmethod
     def load_workers(cls, settings: Settings) -> list[ChaiEngine]:
@@ -175,10 +183,14 @@ class ChaiEngine:
 
     def replica(self, settings: Settings) -> ChaiEngine:
         """Another engine for ``settings.model.device``: its own model, this one's store."""
-        return ChaiEngine(Pipeline.from_settings(settings), self.store, self.fingerprint,
-                          self.default_steps)
+        replica = ChaiEngine(Pipeline.from_settings(settings), self.store, self.fingerprint,
+                             self.default_steps)
+        replica.shared = self.shared
+        return replica
 
     def close(self) -> None:
+        if self.shared is not None:
+            self.shared.stop()
         self.store.close()
 
     # -- requests ---------------------------------------------------------------------------
@@ -281,4 +293,6 @@ class ChaiEngine:
             return None
         outcome.inserted = inserted
         outcome.timings_ms["insert_ms"] = (time.perf_counter() - t0) * 1e3
+        if self.shared is not None:
+            self.shared.publish(inserted.entry_id)  # in the background: never waited on
         return inserted

@@ -374,6 +374,7 @@ class Daemon:
             "cache": {**cache_stats,
                       "write_failures": sum(w.engine.store_write_failures
                                             for w in self.worker.workers)},
+            "shared": None if self.engine.shared is None else self.engine.shared.stats(),
             "peer": {"uid": conn.peer.uid, "gid": conn.peer.gid, "admin": conn.admin},
         }
 

@@ -44,7 +44,7 @@ from chaid.store import db as dbm
 from chaid.store.analysis import Analyzer, PromptAnalysis
 from chaid.store.codec import checksum, decode_latent, encode_latents
 from chaid.store.datafile import repair_hint
-from chaid.store.db import EntryRecord, LatentDB
+from chaid.store.db import REMOTE_KEY, SHARED_KEY, EntryRecord, LatentDB
 from chaid.store.errors import (
     CorruptEntryError,
     EntryNotFoundError,
@@ -105,6 +105,12 @@ class LatentCache:
                                self.dim, self._write_lock)
         self._closed = False
         self.quarantined = 0  # entries evicted since the open because their bytes were bad
+        # Entries from the shared tier: its id → ours, and back.
+        self._by_gid: dict[str, int] = {}
+        self._gid_of: dict[int, str] = {}
+        # Fetches a shared entry's latents ({step: bytes}) on its first hit; None (no shared
+        # tier, or it cannot answer) makes the hit a miss. Set by the shared tier.
+        self.fetch_remote: Callable[[EntryRecord], dict[int, bytes] | None] | None = None
         try:
             self._check_structure()
             self._load_catalog()
@@ -142,8 +148,13 @@ class LatentCache:
     def _load_catalog(self) -> None:
         try:
             with self.db.read() as txn:
-                self.policy.load(self._stats_of(r) for r in self.db.iter_records(txn))
+                records = list(self.db.iter_records(txn))
                 stored_total = self.db.get_meta(txn, "total_bytes")
+            self.policy.load(self._stats_of(r) for r in records)
+            self._by_gid.clear()
+            self._gid_of.clear()
+            for record in records:
+                self._remember_gid(record)
         except (lmdb.Error, ValueError, TypeError, KeyError) as exc:
             raise StoreCorruptError(f"the store at {self.data_dir} is damaged (an entry "
                                     f"record is unreadable: {exc!r}); "
@@ -199,10 +210,37 @@ class LatentCache:
         """
         analysis = self._analysis(prompt)
         shape, arrays = encode_latents(latents, self.settings.latent_dtype)
-        vecs = np.ascontiguousarray(analysis.entity_vectors, np.float32)
-        pvec = np.ascontiguousarray(analysis.prompt_vector, np.float32)
-        size = sum(a.nbytes for a in arrays.values()) + vecs.nbytes + pvec.nbytes
         blobs = {step: a.tobytes() for step, a in arrays.items()}
+        fields = {"prompt": analysis.prompt, "entities": list(analysis.entities),
+                  "fingerprint": fingerprint, "shape": shape,
+                  "dtype": self.settings.latent_dtype, "steps": sorted(blobs),
+                  "checksums": {str(s): checksum(b) for s, b in blobs.items()},
+                  "extra": extra or {}}
+        return self._add(fields, blobs, analysis.entity_vectors, analysis.prompt_vector)
+
+    def insert_remote(self, gid: str, fields: Mapping[str, Any], entity_vectors: Any,
+                      prompt_vector: Any) -> InsertResult | None:
+        """Add an entry another daemon published to the shared tier, by its record fields
+        (prompt, entities, fingerprint, shape, dtype, steps, checksums, extra) and vectors.
+        Its latents stay in the shared tier until its first hit fetches them
+        (:attr:`fetch_remote`, see :meth:`get_latents`). None if ``gid`` is known here."""
+        if gid in self._by_gid:
+            return None
+        fields = {k: fields[k] for k in ("prompt", "entities", "fingerprint", "shape",
+                                         "dtype", "steps", "checksums")} | {
+            "extra": {**dict(fields.get("extra") or {}), SHARED_KEY: gid, REMOTE_KEY: True}}
+        if len(fields["entities"]) != len(entity_vectors):
+            raise StoreError(f"shared entry {gid}: {len(fields['entities'])} entities, "
+                             f"{len(entity_vectors)} vectors")
+        return self._add(fields, {}, entity_vectors, prompt_vector)
+
+    def _add(self, fields: dict[str, Any], blobs: Mapping[int, bytes], entity_vectors: Any,
+             prompt_vector: Any) -> InsertResult:
+        """Write one new entry (its latents ``blobs``, possibly none for a shared entry not
+        fetched yet) under the budget; the one write path of new entries."""
+        vecs = np.ascontiguousarray(entity_vectors, np.float32)
+        pvec = np.ascontiguousarray(prompt_vector, np.float32)
+        size = sum(len(b) for b in blobs.values()) + vecs.nbytes + pvec.nbytes
         with self._write_lock:
             victims = self.policy.plan(size)
             now = self.clock()
@@ -211,15 +249,9 @@ class LatentCache:
                 removed, freed = self._delete_in(txn, victims)
                 entry_id = self.db.get_meta(txn, "next_entry")
                 first_item = self.db.get_meta(txn, "next_item")
-                item_ids = list(range(first_item, first_item + len(analysis.entities)))
-                record = EntryRecord(
-                    entry_id=entry_id, prompt=analysis.prompt,
-                    entities=list(analysis.entities), item_ids=item_ids,
-                    fingerprint=fingerprint, shape=shape, dtype=self.settings.latent_dtype,
-                    steps=sorted(blobs), checksums={str(s): checksum(b) for s, b in
-                                                    blobs.items()},
-                    created=now, last_access=now, bytes=size, extra=extra or {},
-                )
+                item_ids = list(range(first_item, first_item + len(fields["entities"])))
+                record = EntryRecord(entry_id=entry_id, item_ids=item_ids, created=now,
+                                     last_access=now, bytes=size, **fields)
                 for step, blob in blobs.items():
                     txn.put(dbm.latent_key(entry_id, step), blob, db=self.db.latents)
                 for pos, (item, vec) in enumerate(zip(item_ids, vecs, strict=True)):
@@ -241,8 +273,23 @@ class LatentCache:
             self.policy.admit(self._stats_of(record))
             self.index.add(record.item_ids, record.entry_id, vecs)
             self.matchers.add_prompt_vector(record.entry_id, pvec)
+            self._remember_gid(record)
         self.maintenance.rebuild_if_due()
         return InsertResult(record.entry_id, size, removed)
+
+    def _remember_gid(self, record: EntryRecord) -> None:
+        gid = record.extra.get(SHARED_KEY)
+        if gid is not None:
+            self._by_gid[gid] = record.entry_id
+            self._gid_of[record.entry_id] = gid
+
+    def shared_id(self, entry_id: int) -> str | None:
+        """The shared-tier id of an entry that came from the shared tier (None: local)."""
+        return self._gid_of.get(entry_id)
+
+    def entry_for(self, gid: str) -> int | None:
+        """The local id of the shared entry ``gid``, if it is here."""
+        return self._by_gid.get(gid)
 
     def evict(self, entry_ids: Sequence[int]) -> list[int]:
         """Remove entries (latents, vectors and record in one transaction); return those
@@ -293,6 +340,10 @@ class LatentCache:
     def _forget(self, removed: list[int]) -> None:
         if not removed:
             return
+        for entry_id in removed:
+            gid = self._gid_of.pop(entry_id, None)
+            if gid is not None:
+                self._by_gid.pop(gid, None)
         self.policy.remove(removed)
         self.index.remove_entries(removed)
         self.matchers.forget(removed)
@@ -357,6 +408,8 @@ class LatentCache:
                         for step in record.steps}
         except (lmdb.Error, ValueError, TypeError) as exc:
             raise CorruptEntryError(entry_id, f"unreadable ({exc!r})") from exc
+        if record.extra.get(REMOTE_KEY):
+            raws = self._fetch(record)
         out = {}
         for step, raw in raws.items():
             if raw is None:
@@ -366,6 +419,77 @@ class LatentCache:
                 raise CorruptEntryError(entry_id, problem)
             out[step] = decode_latent(raw, record.dtype, tuple(record.shape))
         return out
+
+    def _fetch(self, record: EntryRecord) -> dict[int, bytes]:
+        """A shared entry's latents from the shared tier, checked, and kept here from now on
+        (under the budget) when the store can take them. EntryNotFoundError (the caller
+        runs a miss) when the tier cannot give them: it is down, or the entry is gone there
+        (then the entry goes here too); CorruptEntryError when they fail their checks."""
+        fetched = self.fetch_remote(record) if self.fetch_remote is not None else None
+        if fetched is None:
+            raise EntryNotFoundError(f"the latents of shared entry {record.entry_id} "
+                                     f"({record.extra.get(SHARED_KEY)}) are not available")
+        raws = {step: fetched.get(step) for step in record.steps}
+        for step, raw in raws.items():
+            problem = "missing" if raw is None else latent_problem(record, step, raw)
+            if problem:
+                raise CorruptEntryError(record.entry_id,
+                                        f"shared latent of step {step}: {problem}")
+        try:
+            self._keep_fetched(record, raws)
+        except StoreError as exc:  # served all the same; fetched again next time
+            log.warning("shared entry %d not kept locally: %s", record.entry_id, exc)
+        return raws
+
+    def _keep_fetched(self, record: EntryRecord, raws: dict[int, bytes]) -> None:
+        size = sum(len(b) for b in raws.values())
+        with self._write_lock:
+            victims = self.policy.plan(size, protect=[record.entry_id])
+
+            def body(txn) -> tuple[list[int], bool]:
+                current = self.db.get_record(txn, record.entry_id)
+                if current is None or not current.extra.get(REMOTE_KEY):
+                    return [], False  # evicted, or fetched by another thread, meanwhile
+                removed, freed = self._delete_in(txn, victims)
+                for step, blob in raws.items():
+                    txn.put(dbm.latent_key(record.entry_id, step), blob, db=self.db.latents)
+                current.extra.pop(REMOTE_KEY)
+                current.bytes += size
+                txn.put(dbm.id_key(record.entry_id), current.encode(), db=self.db.entries)
+                total = self.db.get_meta(txn, "total_bytes") - freed + size
+                self.db.put_meta(txn, "total_bytes", total)
+                return removed, True
+
+            removed, kept = self._commit(body)
+            self._forget(removed)
+            if kept:
+                self.policy.grow(record.entry_id, size)
+
+    def raw_latents(self, entry_id: int) -> dict[int, bytes]:
+        """An entry's stored latent bytes, ``{step: bytes}``, unchecked (for publishing:
+        the receiver checks them against the record). EntryNotFoundError if it has none
+        here."""
+        with self.db.read() as txn:
+            record = self.db.get_record(txn, entry_id)
+            if record is None or record.extra.get(REMOTE_KEY):
+                raise EntryNotFoundError(f"no local latents of cache entry {entry_id}")
+            raws = {step: txn.get(dbm.latent_key(entry_id, step), db=self.db.latents)
+                    for step in record.steps}
+        if any(raw is None for raw in raws.values()):
+            raise EntryNotFoundError(f"cache entry {entry_id} lacks latents")
+        return {step: bytes(raw) for step, raw in raws.items()}
+
+    def vectors_of(self, entry_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """An entry's entity vectors (n, dim) and prompt vector (dim,)."""
+        with self.db.read() as txn:
+            record = self.db.get_record(txn, entry_id)
+            if record is None:
+                raise EntryNotFoundError(f"no cache entry {entry_id}")
+            vecs = [dbm.parse_vector(txn.get(dbm.id_key(item), db=self.db.vectors))[2]
+                    for item in record.item_ids]
+            pvec = np.frombuffer(txn.get(dbm.id_key(entry_id), db=self.db.prompts),
+                                 np.float32).copy()
+        return np.array(vecs, np.float32).reshape(len(vecs), self.dim), pvec
 
     def quarantine(self, entry_id: int, problem: str) -> bool:
         """Evict an entry whose stored bytes are bad, log it and count it (``stats``);

@@ -81,6 +81,12 @@ def parse_vector(value: bytes) -> tuple[int, int, np.ndarray]:
     return entry_id, pos, np.frombuffer(value, np.float32, offset=_VECTOR_HEAD.size).copy()
 
 
+# Keys of EntryRecord.extra for entries of the shared tier (chaid/store/shared.py): the
+# entry's id there, and whether its latents are still only there.
+SHARED_KEY = "shared"
+REMOTE_KEY = "remote"
+
+
 @dataclass
 class EntryRecord:
     """What the store knows about one cached entry (the ``entries`` value, as JSON)."""

@@ -55,7 +55,8 @@ def entry_problems(txn, db: dbm.LatentDB, record: dbm.EntryRecord,
     """What is wrong with one entry's latents, vectors and prompt vector (empty: intact)."""
     rid = record.entry_id
     out: list[str] = []
-    for step in record.steps:
+    # A shared entry not fetched yet has its latents in the shared tier only.
+    for step in () if record.extra.get(dbm.REMOTE_KEY) else record.steps:
         try:
             raw = txn.get(dbm.latent_key(rid, step), db=db.latents)
         except lmdb.Error as exc:

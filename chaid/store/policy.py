@@ -115,6 +115,14 @@ class PolicyEngine:
             self.catalog[stats.entry_id] = stats
             self.total_bytes += stats.bytes
 
+    def grow(self, entry_id: int, nbytes: int) -> None:
+        """An entry now holds ``nbytes`` more (a shared entry's latents, fetched)."""
+        with self._lock:
+            stats = self.catalog.get(entry_id)
+            if stats is not None:
+                stats.bytes += nbytes
+                self.total_bytes += nbytes
+
     def remove(self, entry_ids: Iterable[int]) -> None:
         with self._lock:
             for entry_id in entry_ids:

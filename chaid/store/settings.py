@@ -76,6 +76,13 @@ class StoreSettings:
     # within cosine 0.9999 of float32's (entity-pair cosines move <= 0.003), so one store
     # takes both. "float32" is exact and independent of batch composition (docs/cache.md).
     embedder_precision: str = "float32"
+    # The fleet's shared tier (chaid/store/shared.py): a Redis URL (redis://host:6379/0,
+    # rediss://..., unix:///run/redis/redis.sock). Unset: this daemon's cache is its own.
+    shared_url: str | None = None
+    # Prefix of the shared tier's keys: daemons share entries only within one namespace.
+    shared_namespace: str = "chaid"
+    # The URL names a node of a Redis Cluster (redis-py's RedisCluster), not one server.
+    shared_cluster: bool = False
 
     def validate(self) -> StoreSettings:
         """Return self when every value is in range, else raise StoreError naming the field."""
@@ -98,4 +105,11 @@ class StoreSettings:
                 raise StoreError(f"store.{name} must be positive, not {getattr(self, name)}")
         if self.max_map_bytes < self.map_bytes:
             raise StoreError("store.max_map_bytes must be at least store.map_bytes")
+        if self.shared_url is not None and not self.shared_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise StoreError(f"store.shared_url must be a redis://, rediss:// or unix:// URL, "
+                             f"not {self.shared_url!r}")
+        if not self.shared_namespace or any(c in self.shared_namespace for c in "{}: *"):
+            raise StoreError(f"store.shared_namespace must be a plain name, not "
+                             f"{self.shared_namespace!r}")
         return self

@@ -1,0 +1,122 @@
+"""The shared tier against a real redis-server: two stores publish and follow each other;
+Redis down, back, flushed or holding damaged latents never fails a read, never serves bad
+bytes, and loses nothing the local tiers committed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from storekit import TOY_EMBEDDER, toy_analysis, toy_latents, toy_settings
+
+from chaid.store.cache import LatentCache
+from chaid.store.errors import CorruptEntryError, EntryNotFoundError
+from chaid.store.shared import SharedTier
+
+SHAPE = (4, 3, 8, 8)
+
+
+def wait_for(predicate, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def pair(tmp_path, redis_server):
+    """Two stores (two daemons' worth) sharing one Redis."""
+    a = LatentCache(toy_settings(tmp_path / "a"), embedder=TOY_EMBEDDER)
+    b = LatentCache(toy_settings(tmp_path / "b"), embedder=TOY_EMBEDDER)
+    ta = SharedTier(redis_server.url, a).start()
+    tb = SharedTier(redis_server.url, b).start()
+    wait_for(lambda: ta.available and tb.available)
+    yield a, ta, b, tb
+    ta.stop()
+    tb.stop()
+    a.close()
+    b.close()
+
+
+def test_an_entry_published_by_one_store_is_a_hit_in_the_other(pair):
+    a, ta, b, tb = pair
+    latents = toy_latents("red circle")
+    entry = a.insert(toy_analysis("red circle"), latents, "fp").entry_id
+    ta.publish(entry)
+    gid = ta.gid(entry)
+    wait_for(lambda: b.entry_for(gid) is not None)
+    stub = b.entry_for(gid)
+    assert b.get_record(stub).extra["remote"] is True  # metadata only, so far
+    hit = b.lookup(toy_analysis("red circle"), "fp", SHAPE)
+    assert hit.hit and hit.entry_id == stub
+    got = b.get_latents(stub)  # fetched from Redis, checked, kept
+    for step, want in latents.items():
+        np.testing.assert_array_equal(got[step], want.astype(np.float16))
+    assert "remote" not in b.get_record(stub).extra
+    assert b.raw_latents(stub) == a.raw_latents(entry)
+    assert b.total_bytes == a.total_bytes
+    assert tb.counts["fetched"] == 1 and tb.counts["imported"] == 1
+    assert a.entry_for(gid) is None  # a store does not import its own entries
+    assert b.check().ok and a.check().ok
+
+
+def test_redis_down_then_back(pair, redis_server):
+    a, ta, b, tb = pair
+    first = a.insert(toy_analysis("first"), toy_latents("first"), "fp").entry_id
+    ta.publish(first)
+    wait_for(lambda: b.entry_for(ta.gid(first)) is not None)
+    redis_server.stop()
+    second = a.insert(toy_analysis("second"), toy_latents("second"), "fp").entry_id
+    ta.publish(second)
+    wait_for(lambda: not ta.available and not tb.available)
+    assert ta.stats()["pending"] == 1 and ta.stats()["last_error"]
+    # Locally everything goes on: the lookup of the shared stub is a hit, its fetch a miss.
+    stub = b.entry_for(ta.gid(first))
+    assert b.lookup(toy_analysis("first"), "fp", SHAPE).entry_id == stub
+    with pytest.raises(EntryNotFoundError):
+        b.get_latents(stub)
+    assert len(a) == 2 and a.get_latents(second)
+    # Redis comes back empty: a republishes both of its entries, b imports the new one and
+    # keeps the stub it had.
+    redis_server.start()
+    wait_for(lambda: ta.available and ta.stats()["pending"] == 0)
+    wait_for(lambda: b.entry_for(ta.gid(second)) is not None)
+    assert b.get_latents(b.entry_for(ta.gid(second)))
+    assert b.get_latents(stub)  # first was published again, so the fetch works now
+
+
+def test_a_vanished_entry_is_a_miss_and_is_dropped(pair, redis_server):
+    a, ta, b, tb = pair
+    entry = a.insert(toy_analysis("gone"), toy_latents("gone"), "fp").entry_id
+    ta.publish(entry)
+    wait_for(lambda: b.entry_for(ta.gid(entry)) is not None)
+    stub = b.entry_for(ta.gid(entry))
+    redis_server.client().flushall()
+    with pytest.raises(EntryNotFoundError):
+        b.get_latents(stub)
+    wait_for(lambda: stub not in b.policy.catalog)
+    assert tb.counts["vanished"] == 1
+    assert len(a) == 1  # the origin keeps its own entry
+
+
+def test_damaged_latents_in_redis_are_never_served(pair, redis_server):
+    a, ta, b, tb = pair
+    entry = a.insert(toy_analysis("bad"), toy_latents("bad"), "fp").entry_id
+    ta.publish(entry)
+    gid = ta.gid(entry)
+    wait_for(lambda: b.entry_for(gid) is not None)
+    r = redis_server.client()
+    key = f"chaid:l:{{{gid}}}"
+    blob = bytearray(r.hget(key, "3"))
+    blob[10] ^= 0x40
+    r.hset(key, "3", bytes(blob))
+    with pytest.raises(CorruptEntryError, match="checksum"):
+        b.get_latents(b.entry_for(gid))
+    r.hset(key, "3", b"short")
+    with pytest.raises(CorruptEntryError):
+        b.get_latents(b.entry_for(gid))
+    assert b.raw_latents  # and the local tier was never written with them
+    with pytest.raises(EntryNotFoundError):
+        b.raw_latents(b.entry_for(gid))
