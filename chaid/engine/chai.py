@@ -159,7 +159,9 @@ class ChaiEngine:
         if settings.store.shared_url:
             engine.shared = SharedTier(settings.store.shared_url, store,
                                        namespace=settings.store.shared_namespace,
-                                       cluster=settings.store.shared_cluster).start()
+                                       cluster=settings.store.shared_cluster,
+                                       budget_bytes=settings.store.shared_budget_bytes
+                                       ).start()
         return engine
 
     @classmethod

@@ -83,6 +83,10 @@ class StoreSettings:
     shared_namespace: str = "chaid"
     # The URL names a node of a Redis Cluster (redis-py's RedisCluster), not one server.
     shared_cluster: bool = False
+    # Byte budget of the shared tier (latents and vectors of every daemon's entries), kept
+    # by least-recent use over the fleet by one leader daemon. 0: no budget of its own
+    # (Redis's maxmemory policy then decides, which the daemons survive as a miss).
+    shared_budget_bytes: int = 0
 
     def validate(self) -> StoreSettings:
         """Return self when every value is in range, else raise StoreError naming the field."""
@@ -109,6 +113,9 @@ class StoreSettings:
                 ("redis://", "rediss://", "unix://")):
             raise StoreError(f"store.shared_url must be a redis://, rediss:// or unix:// URL, "
                              f"not {self.shared_url!r}")
+        if self.shared_budget_bytes < 0:
+            raise StoreError(f"store.shared_budget_bytes must be >= 0, not "
+                             f"{self.shared_budget_bytes}")
         if not self.shared_namespace or any(c in self.shared_namespace for c in "{}: *"):
             raise StoreError(f"store.shared_namespace must be a plain name, not "
                              f"{self.shared_namespace!r}")

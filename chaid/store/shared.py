@@ -20,8 +20,15 @@ Each daemon's LMDB store stays its first tier. What the shared tier adds:
   whatever it missed by scanning the entry keys. A shared entry whose keys vanished (Redis
   eviction, a flush) is a miss for the request that hit it and is dropped here.
 
-Not yet here: a global byte budget for the Redis tier with evictions decided in one place
-and propagated through the stream, and exact-repeat answers (docs/cache.md, "Shared tier").
+* **A budget of its own.** With ``budget_bytes`` set, the tier's entries (latents and
+  vectors) are kept within it by least-recent use over the whole fleet: every publish adds
+  the entry's size to ``<ns>:bytes`` and every publish or hit marks it in the sorted set
+  ``<ns>:access``; one daemon at a time holds the lease ``<ns>:leader`` and evicts the
+  least recently used entries past the budget, announcing each with an ``evict`` event.
+  A follower drops its stub of an evicted entry (an entry whose latents it already fetched
+  stays, as one of its own, under its local budget).
+
+Not yet here: exact-repeat answers (docs/cache.md, "Shared tier").
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from chaid.store.cache import LatentCache
-from chaid.store.db import SHARED_KEY, EntryRecord
+from chaid.store.db import REMOTE_KEY, SHARED_KEY, EntryRecord
 from chaid.store.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -51,15 +58,19 @@ TIMEOUT_S = 2.0
 # Stream entries kept (approximately): enough for a daemon that was away a while; one that
 # was away longer catches up by scanning the entry keys.
 STREAM_MAXLEN = 100_000
+# The eviction lease: held this long unless renewed (each turn of the leader's thread
+# renews it), so a leader that dies is replaced within it.
+LEADER_MS = 5000
 
 
 class SharedTier:
     """Publishes this store's entries to Redis and follows the other daemons'."""
 
     def __init__(self, url: str, cache: LatentCache, *, namespace: str = "chaid",
-                 cluster: bool = False, client: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 cluster: bool = False, budget_bytes: int = 0, client: Any = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.url = url
+        self.budget_bytes = budget_bytes
         self.cache = cache
         self.ns = namespace
         self.cluster = cluster
@@ -75,9 +86,10 @@ class SharedTier:
         self._last_id = "$"
         self._synced = False
         self.available = False
+        self.leader = False
         self.last_error: str | None = None
         self.counts = {"published": 0, "imported": 0, "fetched": 0, "vanished": 0,
-                       "dropped": 0, "errors": 0}
+                       "dropped": 0, "evicted": 0, "errors": 0}
         cache.fetch_remote = self.fetch
 
     # -- keys -----------------------------------------------------------------------------
@@ -91,6 +103,18 @@ class SharedTier:
     @property
     def _log_key(self) -> str:
         return f"{self.ns}:log"
+
+    @property
+    def _bytes_key(self) -> str:
+        return f"{self.ns}:bytes"
+
+    @property
+    def _access_key(self) -> str:
+        return f"{self.ns}:access"
+
+    @property
+    def _leader_key(self) -> str:
+        return f"{self.ns}:leader"
 
     def gid(self, entry_id: int) -> str:
         return f"{self.origin}-{entry_id}"
@@ -119,7 +143,8 @@ class SharedTier:
         with self._lock:
             pending = len(self._pending)
         return {"url": _redacted(self.url), "namespace": self.ns, "origin": self.origin,
-                "available": self.available, "pending": pending, **self.counts,
+                "available": self.available, "pending": pending,
+                "budget_bytes": self.budget_bytes, "leader": self.leader, **self.counts,
                 "last_error": self.last_error}
 
     # -- the thread -----------------------------------------------------------------------
@@ -148,6 +173,7 @@ class SharedTier:
                     self._resync(client)
                 self._publish_pending(client)
                 self._follow(client)
+                self._enforce_budget(client)
                 self._became(True)
             except (redis.RedisError, OSError) as exc:
                 self._became(False, exc)
@@ -205,16 +231,26 @@ class SharedTier:
         except StoreError:  # evicted (or damaged) before it could be published
             return
         gid = self.gid(entry_id)
+        vector_bytes = np.ascontiguousarray(vectors, "<f4").tobytes()
+        prompt_bytes = np.ascontiguousarray(prompt_vector, "<f4").tobytes()
+        size = sum(len(b) for b in latents.values()) + len(vector_bytes) + len(prompt_bytes)
         meta = {"prompt": record.prompt, "entities": record.entities,
                 "fingerprint": record.fingerprint, "shape": record.shape,
                 "dtype": record.dtype, "steps": record.steps, "checksums": record.checksums,
                 "extra": {k: v for k, v in record.extra.items() if k != "owner_uid"},
                 "embedder": self.embedder, "origin": self.origin, "created": record.created}
+        if client.exists(self._entry_key(gid)):
+            return  # published before an outage cut the acknowledgement short
         pipe = client.pipeline(transaction=False)
         pipe.hset(self._latents_key(gid), mapping={str(s): b for s, b in latents.items()})
         pipe.hset(self._entry_key(gid), mapping={
-            "meta": json.dumps(meta), "vectors": np.ascontiguousarray(vectors, "<f4").tobytes(),
-            "prompt_vector": np.ascontiguousarray(prompt_vector, "<f4").tobytes()})
+            "meta": json.dumps(meta), "vectors": vector_bytes, "prompt_vector": prompt_bytes,
+            "bytes": size})
+        pipe.execute()
+        # The budget's bookkeeping: the tier's size, and the entry's last use.
+        pipe = client.pipeline(transaction=False)
+        pipe.incrby(self._bytes_key, size)
+        pipe.zadd(self._access_key, {gid: self.clock()})
         pipe.execute()
         client.xadd(self._log_key, {"op": "insert", "gid": gid}, maxlen=STREAM_MAXLEN,
                     approximate=True)
@@ -230,6 +266,54 @@ class SharedTier:
                 fields = {_s(k): _s(v) for k, v in fields.items()}
                 if fields.get("op") == "insert":
                     self._import(client, fields.get("gid", ""))
+                elif fields.get("op") == "evict":
+                    self._drop_stub(fields.get("gid", ""))
+
+    def _drop_stub(self, gid: str) -> None:
+        """Forget an entry the tier evicted, unless its latents were fetched here."""
+        entry_id = self.cache.entry_for(gid)
+        if entry_id is None:
+            return
+        try:
+            if self.cache.get_record(entry_id).extra.get(REMOTE_KEY):
+                self.cache.evict([entry_id])
+        except StoreError:
+            pass
+
+    def _enforce_budget(self, client: Any) -> None:
+        """As the leader, evict the least recently used entries past the tier's budget."""
+        if not self.budget_bytes:
+            return
+        me = self.origin.encode()
+        if client.set(self._leader_key, me, nx=True, px=LEADER_MS):
+            self.leader = True
+        elif client.get(self._leader_key) == me:
+            client.pexpire(self._leader_key, LEADER_MS)
+            self.leader = True
+        else:
+            self.leader = False
+            return
+        total = int(client.get(self._bytes_key) or 0)
+        while total > self.budget_bytes:
+            oldest = client.zrange(self._access_key, 0, 63)
+            if not oldest:
+                client.set(self._bytes_key, 0)  # nothing left to account for
+                return
+            for raw in oldest:
+                gid = _s(raw)
+                size = int(client.hget(self._entry_key(gid), "bytes") or 0)
+                pipe = client.pipeline(transaction=False)
+                pipe.delete(self._entry_key(gid))
+                pipe.delete(self._latents_key(gid))
+                pipe.zrem(self._access_key, gid)
+                pipe.decrby(self._bytes_key, size)
+                pipe.xadd(self._log_key, {"op": "evict", "gid": gid}, maxlen=STREAM_MAXLEN,
+                          approximate=True)
+                pipe.execute()
+                self.counts["evicted"] += 1
+                total -= size
+                if total <= self.budget_bytes:
+                    return
 
     def _import(self, client: Any, gid: str) -> None:
         if gid.startswith(f"{self.origin}-") or self.cache.entry_for(gid) is not None:
@@ -272,6 +356,11 @@ class SharedTier:
         except (redis.RedisError, OSError) as exc:
             log.warning("shared entry %s: fetch failed (%s)", gid, exc)
             return None
+        if raw:
+            try:  # a hit is a use: it keeps the entry in the tier's budget (best effort)
+                self._redis().zadd(self._access_key, {gid: self.clock()})
+            except (redis.RedisError, OSError):
+                pass
         if not raw:
             self.counts["vanished"] += 1
             log.info("shared entry %s is gone from the tier; dropping it", gid)

@@ -1,6 +1,6 @@
 """The shared tier against a real redis-server: two stores publish and follow each other;
 Redis down, back, flushed or holding damaged latents never fails a read, never serves bad
-bytes, and loses nothing the local tiers committed."""
+bytes, and loses nothing the local tiers committed; the tier keeps its own budget."""
 
 from __future__ import annotations
 
@@ -120,3 +120,41 @@ def test_damaged_latents_in_redis_are_never_served(pair, redis_server):
     assert b.raw_latents  # and the local tier was never written with them
     with pytest.raises(EntryNotFoundError):
         b.raw_latents(b.entry_for(gid))
+
+
+def test_the_tier_keeps_its_budget_by_least_recent_use(tmp_path, redis_server):
+    """One leader evicts past the tier's budget, oldest use first (a hit is a use); the
+    others drop their stubs of what it evicted and keep what they already fetched."""
+    a = LatentCache(toy_settings(tmp_path / "a"), embedder=TOY_EMBEDDER)
+    b = LatentCache(toy_settings(tmp_path / "b"), embedder=TOY_EMBEDDER)
+    entry_size = 3 * 4 * 3 * 8 * 8 * 2 + 2 * 16 * 4 + 16 * 4  # fp16 latents and vectors
+    ta = SharedTier(redis_server.url, a, budget_bytes=3 * entry_size).start()
+    tb = SharedTier(redis_server.url, b, budget_bytes=3 * entry_size).start()
+    r = redis_server.client()
+    try:
+        wait_for(lambda: ta.available and tb.available)
+        gids = []
+        for i in range(3):
+            entry = a.insert(toy_analysis(f"p{i}"), toy_latents(f"p{i}"), "fp").entry_id
+            ta.publish(entry)
+            gids.append(ta.gid(entry))
+            wait_for(lambda g=gids[-1]: b.entry_for(g) is not None)
+        assert int(r.get("chaid:bytes")) == 3 * entry_size
+        assert b.get_latents(b.entry_for(gids[0]))  # a hit on p0: now the most recent use
+        for i in range(3, 5):
+            entry = a.insert(toy_analysis(f"p{i}"), toy_latents(f"p{i}"), "fp").entry_id
+            ta.publish(entry)
+            gids.append(ta.gid(entry))
+        wait_for(lambda: ta.counts["evicted"] + tb.counts["evicted"] == 2)
+        assert int(r.get("chaid:bytes")) == 3 * entry_size
+        left = {g for g in gids if r.exists(f"chaid:e:{{{g}}}")}
+        assert left == {gids[0], gids[3], gids[4]}  # p1, p2 went: least recently used
+        assert ta.leader != tb.leader  # one leader at a time
+        wait_for(lambda: b.entry_for(gids[1]) is None and b.entry_for(gids[2]) is None)
+        assert b.entry_for(gids[0]) is not None  # fetched here: b's own now
+        assert len(a) == 5  # the origin's local tier is its own budget's business
+    finally:
+        ta.stop()
+        tb.stop()
+        a.close()
+        b.close()
