@@ -108,8 +108,10 @@ class LocalChai:
         engine = self._engine
         request = engine.resolve(prompt, frames=frames, height=height, width=width,
                                  seed=seed, cfg_scale=cfg_scale, steps=steps)
-        lookup = engine.lookup_or_miss(request) if mode is CacheMode.AUTO else None
-        outcome = engine.generate(request, mode, lookup)
+        repeat = engine.find_repeat(request, mode)
+        lookup = engine.lookup_or_miss(request) if mode is CacheMode.AUTO and repeat is None \
+            else None
+        outcome = engine.generate(request, mode, lookup, repeat=repeat)
         inserted = engine.insert(outcome)
         return LocalResult(
             outcome.result.video, outcome.result.fps, outcome.outcome.value,

@@ -12,6 +12,8 @@ request (CacheMode)     outcome (Outcome)       run (RunKind) and its steps
                                                 ``chai.cache_steps`` are written to the cache
 ``refresh``             ``miss``                ``full`` (no lookup: forces a new entry)
 ``off``                 ``off``                 ``plain``: the request's own steps, no cache
+``auto`` or ``off``,    ``repeat``              ``replay``: no steps; the final latent of the
+served before                                   identical request, decoded again
 ======================  ======================  =============================================
 
 The values are the wire protocol's strings (docs/protocol.md); the enums are ``str``
@@ -39,6 +41,7 @@ class RunKind(enum.StrEnum):
     FAST = "fast"  # few steps, Cache Attention on cached latents
     FULL = "full"  # all steps, latents captured for the cache
     PLAIN = "plain"  # the requested steps, nothing cached or reused
+    REPLAY = "replay"  # no denoising: an identical request's final latent, decoded again
 
 
 class Outcome(enum.StrEnum):
@@ -47,6 +50,8 @@ class Outcome(enum.StrEnum):
     HIT = "hit"
     MISS = "miss"
     OFF = "off"
+    # An identical request was served before: its final latent is decoded again.
+    REPEAT = "repeat"
 
     @property
     def run(self) -> RunKind:
@@ -59,7 +64,8 @@ class Outcome(enum.StrEnum):
         return self is Outcome.MISS
 
 
-_RUN_OF = {Outcome.HIT: RunKind.FAST, Outcome.MISS: RunKind.FULL, Outcome.OFF: RunKind.PLAIN}
+_RUN_OF = {Outcome.HIT: RunKind.FAST, Outcome.MISS: RunKind.FULL, Outcome.OFF: RunKind.PLAIN,
+           Outcome.REPEAT: RunKind.REPLAY}
 
 
 def decide(mode: CacheMode, hit: bool) -> Outcome:
@@ -87,4 +93,6 @@ def steps_for(run: RunKind, chai: ChaiSettings, requested: int) -> int:
         return chai.fast_steps
     if run is RunKind.FULL:
         return chai.full_steps
+    if run is RunKind.REPLAY:
+        return 0
     return requested

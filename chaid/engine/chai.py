@@ -32,6 +32,7 @@ from chaid.engine.pipeline import (
     Pipeline,
     worker_devices,
 )
+from chaid.engine.repeats import RepeatStore, repeat_key, settings_of
 from chaid.models import ModelParts
 from chaid.models.shapes_vocab import Understanding
 from chaid.models.weights import resolve_weights_file
@@ -135,6 +136,8 @@ class ChaiEngine:
         self.store_write_failures = 0  # misses whose latents the store could not write
         # The fleet's shared tier (store.shared_url), or None; the first engine owns it.
         self.shared: SharedTier | None = None
+        # Final latents of served requests, for exact repeats (None: off).
+        self.repeats: RepeatStore | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> ChaiEngine:
@@ -162,6 +165,8 @@ class ChaiEngine:
                                        cluster=settings.store.shared_cluster,
                                        budget_bytes=settings.store.shared_budget_bytes
                                        ).start()
+        if settings.store.repeat_bytes:
+            engine.repeats = RepeatStore(settings.store.repeat_bytes, engine.shared)
         return engine
 
     @classmethod
@@ -187,7 +192,7 @@ class ChaiEngine:
         """Another engine for ``settings.model.device``: its own model, this one's store."""
         replica = ChaiEngine(Pipeline.from_settings(settings), self.store, self.fingerprint,
                              self.default_steps)
-        replica.shared = self.shared
+        replica.shared, replica.repeats = self.shared, self.repeats
         return replica
 
     def close(self) -> None:
@@ -216,6 +221,17 @@ class ChaiEngine:
         return self.store.lookup(request.prompt, self.fingerprint, self.latent_shape(request),
                                  touch=touch)
 
+    def find_repeat(self, request: GenerationRequest, mode: CacheMode) -> torch.Tensor | None:
+        """The final latent of an identical request served before (here or, with a shared
+        tier, by any daemon), or None; ``refresh`` always runs."""
+        if self.repeats is None or CacheMode(mode) is CacheMode.REFRESH:
+            return None
+        return self.repeats.get(self._repeat_key(request, mode), self.latent_shape(request))
+
+    def _repeat_key(self, request: GenerationRequest, mode: CacheMode) -> str:
+        return repeat_key(request, CacheMode(mode), self.fingerprint,
+                          settings_of(self.pipeline.chai, self.pipeline.parts.numerics))
+
     def lookup_or_miss(self, request: GenerationRequest) -> LookupResult | None:
         """:meth:`lookup` for a generate: a store that cannot be read makes it a miss
         (logged) rather than a failed request."""
@@ -231,14 +247,20 @@ class ChaiEngine:
         mode: CacheMode,
         lookup: LookupResult | None = None,
         on_step: Callable[[int, float, torch.Tensor], None] | None = None,
+        repeat: torch.Tensor | None = None,
     ) -> ChaiOutcome:
         """Run one resolved request on the device.
 
         ``mode``: AUTO with a ``lookup`` already made (hit → fast, miss → full), REFRESH
         (full) or OFF (plain, ``request.steps`` steps). Whatever ``on_step`` raises stops
         the run and propagates; nothing is written to the cache then. Writing a miss's
-        latents is left to :meth:`insert` so the device is free meanwhile.
+        latents is left to :meth:`insert` so the device is free meanwhile. ``repeat`` (from
+        :meth:`find_repeat`) replays an identical request's final latent instead.
         """
+        understood = self.pipeline.understand(request.prompt)
+        if repeat is not None:
+            return ChaiOutcome(self.pipeline.replay(request, repeat), Outcome.REPEAT, request,
+                               understood=understood)
         timings: dict[str, float] = {}
         outcome = decide(mode, lookup is not None and lookup.hit)
         cached = None
@@ -257,12 +279,13 @@ class ChaiEngine:
                 outcome = Outcome.MISS
             timings["read_ms"] = (time.perf_counter() - t0) * 1e3
         req = self.pipeline.for_run(request, outcome.run, cached)
-        understood = self.pipeline.understand(request.prompt)
         if understood is not None and not understood.drawable:
             log.warning("%s cannot draw anything %r names (unknown: %s)",
                         self.pipeline.parts.spec.name, request.prompt[:80],
                         ", ".join(understood.unknown[:8]) or "-")
         result = self.pipeline.generate(req, on_step)
+        if self.repeats is not None:
+            self.repeats.put(self._repeat_key(request, mode), result.latent)
         return ChaiOutcome(result, outcome, req, lookup, timings_ms=timings,
                            understood=understood)
 

@@ -288,6 +288,22 @@ class Pipeline:
             noise = noise.to(self.parts.dit.x_embedder.proj.weight.dtype).float()
         return noise.to(self.device)
 
+    def _decode(self, z: torch.Tensor, frames: int) -> np.ndarray:
+        """Latent (1, C, T, h, w) → video (F, H, W, 3) uint8."""
+        video = self.parts.vae.decode(z, frames)[0]  # (3, F, H, W) in [-1, 1]
+        video = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return video.permute(1, 2, 3, 0).cpu().numpy()
+
+    @torch.inference_mode()
+    def replay(self, request: GenerationRequest, latent: torch.Tensor) -> GenerationResult:
+        """The video of a resolved request from its final latent (an identical request's,
+        stored): the decode alone, no denoising. The video is the one that request got."""
+        t0 = time.perf_counter()
+        video = self._decode(latent.to(self.device, torch.float32)[None], request.frames)
+        total = (time.perf_counter() - t0) * 1000
+        return GenerationResult(video, latent.float().cpu(), 0, request.fps,
+                                Timings(decode_ms=total, total_ms=total), RunKind.REPLAY)
+
     @torch.inference_mode()
     def generate(
         self, request: GenerationRequest, on_step: StepHook | None = None
@@ -350,9 +366,7 @@ class Pipeline:
         sync()
         t_denoised = time.perf_counter()
         # 4. decode
-        frames = parts.vae.decode(z, req.frames)[0]  # (3, F, H, W) in [-1, 1]
-        video = ((frames.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        video_np = video.permute(1, 2, 3, 0).cpu().numpy()
+        video_np = self._decode(z, req.frames)
         t_end = time.perf_counter()
         timings = Timings(
             encode_ms=(t_encoded - t_start) * 1000,

@@ -216,14 +216,17 @@ class DeviceWorker:
 
     async def _generate(self, job: Job) -> ChaiOutcome:
         lookup: LookupResult | None = None
-        if needs_lookup(job.mode):
+        repeat = await trio.to_thread.run_sync(self.engine.find_repeat, job.request, job.mode,
+                                               limiter=self.lookup_limiter)
+        if repeat is None and needs_lookup(job.mode):
             t0 = time.perf_counter()
             lookup = await trio.to_thread.run_sync(self.engine.lookup_or_miss, job.request,
                                                    limiter=self.lookup_limiter)
             job.lookup_ms = (time.perf_counter() - t0) * 1e3
         # The steps the run is expected to take, for progress reports. A hit whose entry is
         # evicted between lookup and read runs full instead: only its progress total is off.
-        expected = decide(job.mode, lookup is not None and lookup.hit).run
+        expected = (Outcome.REPEAT.run if repeat is not None else
+                    decide(job.mode, lookup is not None and lookup.hit).run)
         steps = steps_for(expected, self.engine.pipeline.chai, job.request.steps)
 
         def on_step(step: int, t: float, z: Any) -> None:
@@ -235,7 +238,7 @@ class DeviceWorker:
             # Runs in the worker thread: the models' interruption points poll the job's
             # cancel scope too, so a long step stops within one block.
             with interrupt.checking(trio.from_thread.check_cancelled):
-                return self.engine.generate(job.request, job.mode, lookup, on_step)
+                return self.engine.generate(job.request, job.mode, lookup, on_step, repeat)
 
         return await trio.to_thread.run_sync(generate, limiter=self.device_limiter)
 

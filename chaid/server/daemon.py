@@ -375,6 +375,7 @@ class Daemon:
                       "write_failures": sum(w.engine.store_write_failures
                                             for w in self.worker.workers)},
             "shared": None if self.engine.shared is None else self.engine.shared.stats(),
+            "repeats": None if self.engine.repeats is None else self.engine.repeats.stats(),
             "peer": {"uid": conn.peer.uid, "gid": conn.peer.gid, "admin": conn.admin},
         }
 

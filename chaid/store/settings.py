@@ -83,6 +83,9 @@ class StoreSettings:
     shared_namespace: str = "chaid"
     # The URL names a node of a Redis Cluster (redis-py's RedisCluster), not one server.
     shared_cluster: bool = False
+    # Bytes of served requests' final latents kept in memory to answer exact repeats
+    # without denoising (chaid/engine/repeats.py); 0 turns exact repeats off.
+    repeat_bytes: int = 64 << 20
     # Byte budget of the shared tier (latents and vectors of every daemon's entries), kept
     # by least-recent use over the fleet by one leader daemon. 0: no budget of its own
     # (Redis's maxmemory policy then decides, which the daemons survive as a miss).
@@ -113,6 +116,8 @@ class StoreSettings:
                 ("redis://", "rediss://", "unix://")):
             raise StoreError(f"store.shared_url must be a redis://, rediss:// or unix:// URL, "
                              f"not {self.shared_url!r}")
+        if self.repeat_bytes < 0:
+            raise StoreError(f"store.repeat_bytes must be >= 0, not {self.repeat_bytes}")
         if self.shared_budget_bytes < 0:
             raise StoreError(f"store.shared_budget_bytes must be >= 0, not "
                              f"{self.shared_budget_bytes}")

@@ -28,7 +28,9 @@ Each daemon's LMDB store stays its first tier. What the shared tier adds:
   A follower drops its stub of an evicted entry (an entry whose latents it already fetched
   stays, as one of its own, under its local budget).
 
-Not yet here: exact-repeat answers (docs/cache.md, "Shared tier").
+* **Exact repeats.** Final latents of served requests (chaid/engine/repeats.py) go to
+  ``<ns>:r:<key>`` with a checksum and a time to live, so an identical request on any
+  daemon is answered without denoising.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ TIMEOUT_S = 2.0
 # Stream entries kept (approximately): enough for a daemon that was away a while; one that
 # was away longer catches up by scanning the entry keys.
 STREAM_MAXLEN = 100_000
+# How long a served request's final latent stays in the tier for exact repeats.
+REPEAT_TTL_S = 24 * 3600
+# Final latents waiting to be written (older ones are dropped past this: best effort).
+REPEAT_QUEUE = 64
 # The eviction lease: held this long unless renewed (each turn of the leader's thread
 # renews it), so a leader that dies is replaced within it.
 LEADER_MS = 5000
@@ -79,6 +85,7 @@ class SharedTier:
         self.embedder = cache.db.read_meta().get("embedder")
         self._client = client
         self._pending: set[int] = set()  # local entries not yet published
+        self._repeats_out: list[tuple[str, bytes]] = []  # final latents not yet written
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -139,6 +146,42 @@ class SharedTier:
             self._pending.add(entry_id)
         self._wake.set()
 
+    def put_repeat(self, key: str, blob: bytes) -> None:
+        """Queue a served request's final latent for the tier (returns at once)."""
+        with self._lock:
+            self._repeats_out.append((key, blob))
+            del self._repeats_out[:-REPEAT_QUEUE]
+        self._wake.set()
+
+    def get_repeat(self, key: str) -> bytes | None:
+        """A served request's final latent from the tier, checked; None if absent, damaged
+        or the tier is unavailable (never an error)."""
+        import redis
+
+        if not self.available:
+            return None
+        try:
+            raw = self._redis().get(self._repeat_key(key))
+        except (redis.RedisError, OSError):
+            return None
+        if raw is None or len(raw) < _DIGEST or _digest(raw[_DIGEST:]) != raw[:_DIGEST]:
+            return None
+        return raw[_DIGEST:]
+
+    def _repeat_key(self, key: str) -> str:
+        return f"{self.ns}:r:{key}"
+
+    def _write_repeats(self, client: Any) -> None:
+        while True:
+            with self._lock:
+                if not self._repeats_out:
+                    return
+                key, blob = self._repeats_out[0]
+            client.set(self._repeat_key(key), _digest(blob) + blob, ex=REPEAT_TTL_S)
+            with self._lock:
+                if self._repeats_out and self._repeats_out[0][0] == key:
+                    self._repeats_out.pop(0)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             pending = len(self._pending)
@@ -172,6 +215,7 @@ class SharedTier:
                 if not self._synced:
                     self._resync(client)
                 self._publish_pending(client)
+                self._write_repeats(client)
                 self._follow(client)
                 self._enforce_budget(client)
                 self._became(True)
@@ -372,6 +416,15 @@ class SharedTier:
             return {int(_s(k)): v for k, v in raw.items()}
         except ValueError:
             return {}  # fails the record's checks: quarantined by the caller
+
+
+_DIGEST = 16
+
+
+def _digest(blob: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(blob, digest_size=_DIGEST).digest()
 
 
 def _s(value: Any) -> str:

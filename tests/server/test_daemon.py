@@ -191,14 +191,15 @@ def test_async_client_under_asyncio_and_trio(shared_daemon):
 
     import trio
 
-    async def use() -> tuple:
+    async def use(seed: int) -> tuple:
         client = AsyncClient(shared_daemon.socket)
         pong = await client.ping()
-        result = await client.generate("a red circle", cache="off", steps=2)
-        return pong["pong"], result.steps
+        result = await client.generate("a red circle", cache="off", steps=2, seed=seed)
+        return pong["pong"], result.steps, result.cache
 
-    assert asyncio.run(use()) == (True, 2)
-    assert trio.run(use) == (True, 2)
+    assert asyncio.run(use(1)) == (True, 2, "off")
+    assert trio.run(use, 2) == (True, 2, "off")
+    assert trio.run(use, 1) == (True, 0, "repeat")  # asyncio's request again: replayed
 
     async def cancelled_by_timeout() -> None:
         client = AsyncClient(shared_daemon.socket)
