@@ -110,8 +110,10 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
     from chaid_lab.demo import start_daemon, wait_ready
 
     workdir.mkdir(parents=True)
+    # Exact repeats off: the in-process reference replays nothing, so neither does this.
     proc, sock, log_path = start_daemon(workdir, model,
-                                        {"CHAID_SERVER_CPU_WORKERS": str(workers)})
+                                        {"CHAID_SERVER_CPU_WORKERS": str(workers),
+                                         "CHAID_STORE_REPEAT_BYTES": "0"})
     try:
         wait_ready(proc, sock, log_path)
         with Client(sock) as c:
