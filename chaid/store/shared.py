@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 
 # Seconds between attempts to reach a Redis that did not answer.
 RETRY_S = 2.0
-# How long one read of the stream waits for news (the thread's heartbeat).
-BLOCK_MS = 1000
+# How long one read of the stream waits for news: the thread's heartbeat, and the longest
+# a new entry waits before it is published (the thread publishes between reads).
+BLOCK_MS = 100
 # Socket timeouts: a Redis that does not answer within this is "down" for this attempt.
 TIMEOUT_S = 2.0
 # Stream entries kept (approximately): enough for a daemon that was away a while; one that

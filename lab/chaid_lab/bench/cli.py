@@ -254,10 +254,11 @@ def _cmd_bench_steps(args: argparse.Namespace) -> int:
 def register_bench(sub: argparse._SubParsersAction) -> None:
     from chaid_lab.bench.daemon import register_bench_daemon
     from chaid_lab.bench.rpc import register_bench_rpc
+    from chaid_lab.bench.shared import register_bench_shared
 
     p = sub.add_parser("bench", help="benchmarks", description="Run a benchmark.")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     for register in (_register_bench_cache, _register_bench_threshold, register_bench_quality,
                      register_bench_ablation, register_bench_report, register_bench_rpc,
-                     register_bench_daemon, _register_bench_steps):
+                     register_bench_daemon, _register_bench_steps, register_bench_shared):
         register(bench_sub)
