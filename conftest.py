@@ -67,10 +67,11 @@ class RedisServer:
     """A real ``redis-server`` on a Unix socket in a temporary directory, no persistence:
     stopped and started again it comes back empty (a flush, as far as the tier knows)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
         self.workdir = workdir
         self.socket = workdir / "redis.sock"
         self.url = f"unix://{self.socket}"
+        self.appendonly = appendonly
         self.proc = None
 
     def start(self) -> RedisServer:
@@ -79,7 +80,9 @@ class RedisServer:
 
         self.proc = subprocess.Popen(
             ["redis-server", "--port", "0", "--unixsocket", str(self.socket),
-             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+             "--unixsocketperm", "700", "--save", "",
+             *(["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly
+               else ["--appendonly", "no"]),
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -95,6 +98,13 @@ class RedisServer:
             self.proc.wait(10)
         self.socket.unlink(missing_ok=True)
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final write."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.socket.unlink(missing_ok=True)
+
     def client(self):
         import redis
 
@@ -102,13 +112,14 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(tmp_path_factory):
+def redis_server(tmp_path_factory, request):
     """A fresh redis-server for one test (Debian's ``redis-server``; .ci/run installs it)."""
     import shutil
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server): the "
                     "shared tier's tests need a real one")
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    server = RedisServer(tmp_path_factory.mktemp("redis"),
+                         appendonly=getattr(request, "param", False)).start()
     yield server
     server.stop()

@@ -214,6 +214,8 @@ class SharedTier:
             try:
                 client = self._redis()
                 if not self._synced:
+                    client.ping()
+                    self._became(True)  # fetches may go on while the sync runs
                     self._resync(client)
                 self._publish_pending(client)
                 self._write_repeats(client)

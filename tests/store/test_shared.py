@@ -158,3 +158,44 @@ def test_the_tier_keeps_its_budget_by_least_recent_use(tmp_path, redis_server):
         tb.stop()
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("redis_server", [True], indirect=True)  # appendonly, fsync always
+def test_three_stores_and_redis_killed_mid_stream(tmp_path, redis_server):
+    """Redis SIGKILLed while three stores publish: after its restart (AOF) every entry
+    acknowledged as shared is there, the ones written during the outage are published by
+    their origins, and a store that starts afterwards imports all of them."""
+    stores = [LatentCache(toy_settings(tmp_path / f"s{i}"), embedder=TOY_EMBEDDER)
+              for i in range(3)]
+    tiers = [SharedTier(redis_server.url, s).start() for s in stores]
+    late = None
+    try:
+        wait_for(lambda: all(t.available for t in tiers))
+        gids = []
+        for i in range(9):
+            k = i % 3
+            if i == 5:  # mid-stream
+                acknowledged = sum(t.counts["published"] for t in tiers)
+                redis_server.kill()
+            entry = stores[k].insert(toy_analysis(f"q{i}"), toy_latents(f"q{i}"), "fp")
+            tiers[k].publish(entry.entry_id)
+            gids.append(tiers[k].gid(entry.entry_id))
+            if i < 5:
+                wait_for(lambda k=k, n=i // 3 + 1: tiers[k].counts["published"] >= n)
+        assert acknowledged == 5
+        redis_server.start()
+        wait_for(lambda: all(t.available and t.stats()["pending"] == 0 for t in tiers))
+        r = redis_server.client()
+        assert all(r.exists(f"chaid:e:{{{g}}}") for g in gids)
+        late = LatentCache(toy_settings(tmp_path / "late"), embedder=TOY_EMBEDDER)
+        late_tier = SharedTier(redis_server.url, late).start()
+        wait_for(lambda: all(late.entry_for(g) is not None for g in gids))
+        for i, g in enumerate(gids):  # each one readable, byte for byte
+            got = late.get_latents(late.entry_for(g))
+            np.testing.assert_array_equal(got[2], toy_latents(f"q{i}")[2].astype(np.float16))
+        late_tier.stop()
+    finally:
+        for t in tiers:
+            t.stop()
+        for s in stores + ([late] if late else []):
+            s.close()
