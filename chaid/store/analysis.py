@@ -385,9 +385,15 @@ def model_identity(path: Path, dim: int) -> str:
 class Analyzer:
     """Entities plus embeddings: turns prompt text into a :class:`PromptAnalysis`."""
 
-    def __init__(self, extractor: EntityExtractor, embedder: Embedder) -> None:
+    def __init__(self, extractor: EntityExtractor, embedder: Embedder,
+                 memo_size: int = 1024) -> None:
         self.extractor = extractor
         self.embedder = embedder
+        # Analyses of recent prompts: a prompt seen again (another seed or size, a miss's
+        # insert after its lookup, a dry-run lookup) skips the parse and the model.
+        self.memo_size = memo_size
+        self._memo: OrderedDict[str, PromptAnalysis] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> Analyzer:
@@ -399,6 +405,7 @@ class Analyzer:
             EntityExtractor(settings.spacy_model, settings.generic_heads),
             Embedder(settings.embedder_path, settings.embedding_cache_size,
                      settings.embedder_precision),
+            settings.prompt_memo_size,
         )
 
     def analyse(self, prompt: str, with_prompt_vector: bool = True,
@@ -409,7 +416,16 @@ class Analyzer:
         (``"entities"``) and embedding (``"embed"``).
         """
         t0 = time.perf_counter()
-        entities = self.extractor(prompt)
+        with self._memo_lock:
+            known = self._memo.get(prompt)
+            if known is not None:
+                self._memo.move_to_end(prompt)
+        if known is not None and (known.prompt_vector is not None or not with_prompt_vector):
+            if timings is not None:
+                timings["entities"] = timings["embed"] = 0.0
+                timings["memo"] = (time.perf_counter() - t0) * 1e3
+            return known
+        entities = self.extractor(prompt) if known is None else known.entities
         t1 = time.perf_counter()
         if not with_prompt_vector and self.embedder.memoised(entities):
             analysis = PromptAnalysis(prompt, entities, self.embedder.embed(entities), None)
@@ -421,6 +437,12 @@ class Analyzer:
         if timings is not None:
             timings["entities"] = (t1 - t0) * 1e3
             timings["embed"] = (time.perf_counter() - t1) * 1e3
+        if self.memo_size:
+            with self._memo_lock:
+                self._memo[prompt] = analysis
+                self._memo.move_to_end(prompt)
+                while len(self._memo) > self.memo_size:
+                    self._memo.popitem(last=False)
         return analysis
 
     def prompt_vector(self, prompt: str) -> np.ndarray:

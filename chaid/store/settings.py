@@ -71,6 +71,9 @@ class StoreSettings:
     embedder_threads: int = 0
     # Entity strings whose vectors are kept in memory; repeated entities skip the embedder.
     embedding_cache_size: int = 4096
+    # Whole prompts whose analyses (entities and vectors) are kept in memory: a prompt seen
+    # again skips spaCy and the embedder (0 turns it off).
+    prompt_memo_size: int = 1024
     # Arithmetic of the embedder's linear layers. "bfloat16" cuts a lookup's embedding time
     # by ~35% where the CPU has native bf16 (elsewhere it stays float32); its vectors stay
     # within cosine 0.9999 of float32's (entity-pair cosines move <= 0.003), so one store
@@ -116,6 +119,8 @@ class StoreSettings:
                 ("redis://", "rediss://", "unix://")):
             raise StoreError(f"store.shared_url must be a redis://, rediss:// or unix:// URL, "
                              f"not {self.shared_url!r}")
+        if self.prompt_memo_size < 0:
+            raise StoreError(f"store.prompt_memo_size must be >= 0, not {self.prompt_memo_size}")
         if self.repeat_bytes < 0:
             raise StoreError(f"store.repeat_bytes must be >= 0, not {self.repeat_bytes}")
         if self.shared_budget_bytes < 0:

@@ -140,3 +140,14 @@ def test_entity_recall_on_written_prompts(analyzer):
     assert analyzer.extractor("a purple square standing still on a snowy field") == (
         "purple square", "snowy field")
     assert analyzer.extractor("a kitten playing a keyboard") == ("kitten", "keyboard")
+
+
+def test_a_prompt_seen_again_skips_the_parse_and_the_model(analyzer):
+    """store.prompt_memo_size: the analysis of a recent prompt is reused (a repeated prompt's
+    analysis went from 1.35 ms, spaCy alone, to microseconds)."""
+    prompt = "a copper kettle whistling on an old iron stove"
+    first = analyzer.analyse(prompt)
+    timings: dict[str, float] = {}
+    assert analyzer.analyse(prompt, timings=timings) is first and "memo" in timings
+    assert analyzer.analyse(prompt, with_prompt_vector=False) is first
+    assert first.prompt_vector is not None and first.entities == analyzer.extractor(prompt)
