@@ -190,7 +190,7 @@ def _register_bench_steps(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser(
         "steps", help="the step curve: plain-N, CHAI-N and full-30, paired, on every metric",
         description="On entity-sharing Shapes pairs, generate each second prompt with "
-        "full-30, plain-N and CHAI-N for every N; judge and fidelity metrics; paired 95%% "
+        "full-30, plain-N and CHAI-N for every N; judge and fidelity metrics; paired 95% "
         "bootstrap intervals of CHAI-N vs plain-N and of each method vs full-30. Resumes "
         "from the rows already in --out; --shard K/N splits the pairs between processes.")
     p.add_argument("--out", type=Path, required=True,
