@@ -61,7 +61,7 @@ class CacheAttention:
         """The attention plan for 1-based ``step`` and a model batch of ``batch``, or None."""
         if step not in self.settings.cache_steps:
             return None
-        dtype = self.dit.x_embedder.proj.weight.dtype
+        dtype = self.dit.dtype
         cached = self.latents[step].to(device=device, dtype=dtype)[None]
         with torch.no_grad():
             tokens = self.dit.embed_tokens(cached, self.height, self.width)  # (1, T*S, C)

@@ -273,7 +273,7 @@ class Pipeline:
         upstream numerics as a model-dtype tensor holds them (854 is 856 in bf16)."""
         if self.parts.numerics is not Numerics.UPSTREAM:
             return request.height, request.width
-        dtype = self.parts.dit.x_embedder.proj.weight.dtype
+        dtype = self.parts.dit.dtype
         return as_seen(request.height, dtype), as_seen(request.width, dtype)
 
     def initial_noise(self, request: GenerationRequest) -> torch.Tensor:
@@ -285,7 +285,7 @@ class Pipeline:
         gen = torch.Generator(device="cpu").manual_seed(request.seed)
         noise = torch.randn((1, *shape), generator=gen)
         if self.parts.numerics is Numerics.UPSTREAM:
-            noise = noise.to(self.parts.dit.x_embedder.proj.weight.dtype).float()
+            noise = noise.to(self.parts.dit.dtype).float()
         return noise.to(self.device)
 
     def _decode(self, z: torch.Tensor, frames: int) -> np.ndarray:
@@ -353,7 +353,7 @@ class Pipeline:
             z_start = req.start_latent.to(self.device, torch.float32)[None]
         else:
             z_start = self.initial_noise(req)
-        dtype = parts.dit.x_embedder.proj.weight.dtype
+        dtype = parts.dit.dtype
         timesteps = run_schedule(
             req.steps, height=req.height, width=req.width, frames=req.frames,
             latent_frames=z_start.shape[2], numerics=parts.numerics, size_dtype=dtype,

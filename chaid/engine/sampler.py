@@ -131,7 +131,7 @@ class Guidance:
 
     def __post_init__(self) -> None:
         b = self.text.states.shape[0]
-        dtype = self.dit.x_embedder.proj.weight.dtype
+        dtype = self.dit.dtype
         states = self.text.states.to(dtype)
         if self.scale is None:
             self._y, self._mask = states, self.text.mask

@@ -66,8 +66,6 @@ class Job:
     # client's own jobs (higher first).
     client: tuple = (None, 0)
     priority: int = 0
-    # The index of the worker that ran it (None while queued).
-    worker: int | None = None
     state: JobState = JobState.QUEUED
     outcome: ChaiOutcome | None = None
     error: BaseException | None = None
@@ -118,22 +116,12 @@ class WorkerPool:
                         for i, engine in enumerate(engines)]
 
     @property
-    def engine(self) -> ChaiEngine:
-        """The first worker's engine (the store, the fingerprint and the settings are
-        every worker's)."""
-        return self.workers[0].engine
-
-    @property
     def queued(self) -> int:
         return len(self.queue)
 
     @property
     def running(self) -> list[Job]:
         return [w.running for w in self.workers if w.running is not None]
-
-    @property
-    def completed(self) -> int:
-        return sum(w.completed for w in self.workers)
 
     def submit(self, job: Job) -> None:
         """Queue a job without waiting; QueueFull when queue_size jobs already wait."""
@@ -182,7 +170,6 @@ class DeviceWorker:
 
     async def _execute(self, job: Job) -> None:
         job.state = JobState.RUNNING
-        job.worker = self.index
         job.started_at = time.perf_counter()
         try:
             with job.scope:

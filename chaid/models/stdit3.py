@@ -445,6 +445,11 @@ class STDiT3(nn.Module):
         self.initialize_weights()
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model's weights, and so its activations, are held in."""
+        return self.x_embedder.proj.weight.dtype
+
+    @property
     def numerics(self) -> Numerics:
         """How the timestep and the rotary embedding round (chaid/numerics.py)."""
         return self._numerics
@@ -498,7 +503,7 @@ class STDiT3(nn.Module):
         """Latent (B, C_in, T, H, W) → position-embedded tokens (B, T'*S, C)."""
         T, H, W = self.token_grid(z.shape)
         S = H * W
-        dtype = self.x_embedder.proj.weight.dtype
+        dtype = self.dtype
         x = self.x_embedder(z.to(dtype))  # (B, T*S, C)
         scale = math.sqrt(height * width) / self.cfg.input_sq_size
         pos = position_embedding_2d(
@@ -552,7 +557,7 @@ class STDiT3(nn.Module):
         Returns: (B, out_channels, T, H, W) in fp32.
         """
         B = z.shape[0]
-        dtype = self.x_embedder.proj.weight.dtype
+        dtype = self.dtype
         T, H, W = self.token_grid(z.shape)
         S = H * W
         # 1-2. tokens with position embedding

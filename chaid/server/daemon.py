@@ -349,7 +349,6 @@ class Daemon:
     async def stats_handler(self, conn: Connection, req: Request, p: dict[str, Any]) -> Any:
         cache_stats = await trio.to_thread.run_sync(self.engine.store.stats,
                                                     limiter=self.lookup_limiter)
-        running = self.worker.running[0] if self.worker.running else None
         return {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
@@ -360,12 +359,9 @@ class Daemon:
             "fingerprint": self.engine.fingerprint,
             "queue": {"size": self.worker.queue_size, "queued": self.worker.queued,
                       "clients": self._queue_depths(conn),
-                      "running": None if running is None else {
-                          "steps_done": running.steps_done, "steps": running.steps_total}},
-            "workers": [{"index": w.index, "device": w.device,
-                         "running": None if w.running is None else {
-                             "steps_done": w.running.steps_done,
-                             "steps": w.running.steps_total}} for w in self.worker.workers],
+                      "running": _progress(next(iter(self.worker.running), None))},
+            "workers": [{"index": w.index, "device": w.device, "running": _progress(w.running)}
+                        for w in self.worker.workers],
             "generations": {str(k): v for k, v in self.worker.counts.items()},
             "admission": self.admission.as_dict(),
             "connections": len(self.connections),
@@ -619,6 +615,11 @@ def run(settings: Settings) -> int:
             log.debug("start-up failed", exc_info=exc)
         raise _one_error(BaseExceptionGroup("start-up", [
             ChaidError(_os_message(exc)) for exc in _leaves(group)])) from None
+
+
+def _progress(job: Job | None) -> dict[str, int] | None:
+    """A running job's progress for ``stats`` (None when nothing runs)."""
+    return None if job is None else {"steps_done": job.steps_done, "steps": job.steps_total}
 
 
 def _owner(record: Any) -> int | None:

@@ -283,10 +283,6 @@ class LatentCache:
             self._by_gid[gid] = record.entry_id
             self._gid_of[record.entry_id] = gid
 
-    def shared_id(self, entry_id: int) -> str | None:
-        """The shared-tier id of an entry that came from the shared tier (None: local)."""
-        return self._gid_of.get(entry_id)
-
     def entry_for(self, gid: str) -> int | None:
         """The local id of the shared entry ``gid``, if it is here."""
         return self._by_gid.get(gid)
@@ -400,12 +396,7 @@ class LatentCache:
         caller quarantines it (:meth:`quarantine`).
         """
         try:
-            with self.db.read() as txn:
-                record = self.db.get_record(txn, entry_id)
-                if record is None:
-                    raise EntryNotFoundError(f"no cache entry {entry_id}")
-                raws = {step: txn.get(dbm.latent_key(entry_id, step), db=self.db.latents)
-                        for step in record.steps}
+            record, raws = self._stored(entry_id)
         except (lmdb.Error, ValueError, TypeError) as exc:
             raise CorruptEntryError(entry_id, f"unreadable ({exc!r})") from exc
         if record.extra.get(REMOTE_KEY):
@@ -465,31 +456,36 @@ class LatentCache:
             if kept:
                 self.policy.grow(record.entry_id, size)
 
-    def raw_latents(self, entry_id: int) -> dict[int, bytes]:
-        """An entry's stored latent bytes, ``{step: bytes}``, unchecked (for publishing:
-        the receiver checks them against the record). EntryNotFoundError if it has none
-        here."""
-        with self.db.read() as txn:
-            record = self.db.get_record(txn, entry_id)
-            if record is None or record.extra.get(REMOTE_KEY):
-                raise EntryNotFoundError(f"no local latents of cache entry {entry_id}")
-            raws = {step: txn.get(dbm.latent_key(entry_id, step), db=self.db.latents)
-                    for step in record.steps}
-        if any(raw is None for raw in raws.values()):
-            raise EntryNotFoundError(f"cache entry {entry_id} lacks latents")
-        return {step: bytes(raw) for step, raw in raws.items()}
-
-    def vectors_of(self, entry_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """An entry's entity vectors (n, dim) and prompt vector (dim,)."""
+    def _stored(self, entry_id: int) -> tuple[EntryRecord, dict[int, bytes | None]]:
+        """An entry's record and its latents' stored bytes (None where missing), read in
+        one transaction; EntryNotFoundError without a record."""
         with self.db.read() as txn:
             record = self.db.get_record(txn, entry_id)
             if record is None:
                 raise EntryNotFoundError(f"no cache entry {entry_id}")
-            vecs = [dbm.parse_vector(txn.get(dbm.id_key(item), db=self.db.vectors))[2]
-                    for item in record.item_ids]
-            pvec = np.frombuffer(txn.get(dbm.id_key(entry_id), db=self.db.prompts),
-                                 np.float32).copy()
-        return np.array(vecs, np.float32).reshape(len(vecs), self.dim), pvec
+            raws = {step: txn.get(dbm.latent_key(entry_id, step), db=self.db.latents)
+                    for step in record.steps}
+        return record, raws
+
+    def raw_latents(self, entry_id: int) -> tuple[EntryRecord, dict[int, bytes]]:
+        """An entry's record and stored latent bytes, ``{step: bytes}``, unchecked (for
+        publishing: the receiver checks them against the record). EntryNotFoundError if
+        it has none here."""
+        record, raws = self._stored(entry_id)
+        if record.extra.get(REMOTE_KEY) or any(raw is None for raw in raws.values()):
+            raise EntryNotFoundError(f"no local latents of cache entry {entry_id}")
+        return record, {step: bytes(raw) for step, raw in raws.items()}
+
+    def vectors_of(self, record: EntryRecord) -> tuple[np.ndarray, np.ndarray]:
+        """An entry's entity vectors (n, dim) and prompt vector (dim,)."""
+        with self.db.read() as txn:
+            raws = [txn.get(dbm.id_key(item), db=self.db.vectors) for item in record.item_ids]
+            pvec = txn.get(dbm.id_key(record.entry_id), db=self.db.prompts)
+        if pvec is None or any(raw is None for raw in raws):
+            raise EntryNotFoundError(f"cache entry {record.entry_id} was evicted")
+        vecs = [dbm.parse_vector(raw)[2] for raw in raws]
+        return (np.array(vecs, np.float32).reshape(len(vecs), self.dim),
+                np.frombuffer(pvec, np.float32).copy())
 
     def quarantine(self, entry_id: int, problem: str) -> bool:
         """Evict an entry whose stored bytes are bad, log it and count it (``stats``);

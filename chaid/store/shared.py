@@ -19,7 +19,6 @@ Each daemon's LMDB store stays its first tier. What the shared tier adds:
   the ids it could not publish; when Redis answers again it publishes them, then imports
   whatever it missed by scanning the entry keys. A shared entry whose keys vanished (Redis
   eviction, a flush) is a miss for the request that hit it and is dropped here.
-
 * **A budget of its own.** With ``budget_bytes`` set, the tier's entries (latents and
   vectors) are kept within it by least-recent use over the whole fleet: every publish adds
   the entry's size to ``<ns>:bytes`` and every publish or hit marks it in the sorted set
@@ -27,7 +26,6 @@ Each daemon's LMDB store stays its first tier. What the shared tier adds:
   least recently used entries past the budget, announcing each with an ``evict`` event.
   A follower drops its stub of an evicted entry (an entry whose latents it already fetched
   stays, as one of its own, under its local budget).
-
 * **Exact repeats.** Final latents of served requests (chaid/engine/repeats.py) go to
   ``<ns>:r:<key>`` with a checksum and a time to live, so an identical request on any
   daemon is answered without denoising.
@@ -93,6 +91,7 @@ class SharedTier:
         self._thread: threading.Thread | None = None
         self._last_id = "$"
         self._synced = False
+        self._logged: str | None = None  # the last error logged (an outage logs once)
         self.available = False
         self.leader = False
         self.last_error: str | None = None
@@ -237,7 +236,7 @@ class SharedTier:
         if not up:
             self.counts["errors"] += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
-            if self.available or self.last_error != getattr(self, "_logged", None):
+            if self.available or self.last_error != self._logged:
                 log.warning("shared tier %s unavailable (%s); serving from the local "
                             "cache", _redacted(self.url), self.last_error)
                 self._logged = self.last_error
@@ -271,13 +270,14 @@ class SharedTier:
                 self._pending.discard(entry_id)
 
     def _publish(self, client: Any, entry_id: int) -> None:
+        gid = self.gid(entry_id)
+        if client.exists(self._entry_key(gid)):
+            return  # published before an outage cut the acknowledgement short
         try:
-            record = self.cache.get_record(entry_id)
-            latents = self.cache.raw_latents(entry_id)
-            vectors, prompt_vector = self.cache.vectors_of(entry_id)
+            record, latents = self.cache.raw_latents(entry_id)
+            vectors, prompt_vector = self.cache.vectors_of(record)
         except StoreError:  # evicted (or damaged) before it could be published
             return
-        gid = self.gid(entry_id)
         vector_bytes = np.ascontiguousarray(vectors, "<f4").tobytes()
         prompt_bytes = np.ascontiguousarray(prompt_vector, "<f4").tobytes()
         size = sum(len(b) for b in latents.values()) + len(vector_bytes) + len(prompt_bytes)
@@ -286,8 +286,6 @@ class SharedTier:
                 "dtype": record.dtype, "steps": record.steps, "checksums": record.checksums,
                 "extra": {k: v for k, v in record.extra.items() if k != "owner_uid"},
                 "embedder": self.embedder, "origin": self.origin, "created": record.created}
-        if client.exists(self._entry_key(gid)):
-            return  # published before an outage cut the acknowledgement short
         pipe = client.pipeline(transaction=False)
         pipe.hset(self._latents_key(gid), mapping={str(s): b for s, b in latents.items()})
         pipe.hset(self._entry_key(gid), mapping={
@@ -403,17 +401,16 @@ class SharedTier:
         except (redis.RedisError, OSError) as exc:
             log.warning("shared entry %s: fetch failed (%s)", gid, exc)
             return None
-        if raw:
-            try:  # a hit is a use: it keeps the entry in the tier's budget (best effort)
-                self._redis().zadd(self._access_key, {gid: self.clock()})
-            except (redis.RedisError, OSError):
-                pass
         if not raw:
             self.counts["vanished"] += 1
             log.info("shared entry %s is gone from the tier; dropping it", gid)
             threading.Thread(target=self.cache.evict, args=([record.entry_id],),
                              daemon=True).start()
             return None
+        try:  # a hit is a use: it keeps the entry in the tier's budget (best effort)
+            self._redis().zadd(self._access_key, {gid: self.clock()})
+        except (redis.RedisError, OSError):
+            pass
         self.counts["fetched"] += 1
         try:
             return {int(_s(k)): v for k, v in raw.items()}

@@ -161,8 +161,7 @@ def check_output(path: Path) -> None:
         return
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file name, e.g. {path / 'video.mp4'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = parent
+    existing = path.parent  # Path("v.mp4").parent is "."
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():

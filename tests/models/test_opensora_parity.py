@@ -74,7 +74,7 @@ def dit_case(parity: Path, case: str) -> dict[str, torch.Tensor]:
 
 
 def run_dit(dit: STDiT3, c: dict[str, torch.Tensor]) -> torch.Tensor:
-    dtype = dit.x_embedder.proj.weight.dtype
+    dtype = dit.dtype
     device = dit.x_embedder.proj.weight.device
     c = {k: v.to(device) for k, v in c.items()}
     with torch.no_grad():

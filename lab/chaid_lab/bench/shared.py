@@ -71,6 +71,7 @@ def _redis(workdir: Path) -> tuple[subprocess.Popen, str]:
 def replay(prompts: list[str], n: int, shared: bool, analyzer, workdir: Path,
            url: str | None) -> dict:
     from chaid.store.cache import LatentCache
+    from chaid.store.db import REMOTE_KEY
     from chaid.store.settings import StoreSettings
     from chaid.store.shared import SharedTier
 
@@ -96,7 +97,7 @@ def replay(prompts: list[str], n: int, shared: bool, analyzer, workdir: Path,
             result = store.lookup(prompt, "fp", PAYLOAD_SHAPE)
             if result.hit:
                 hits += 1
-                remote = store.get_record(result.entry_id).extra.get("remote", False)
+                remote = store.get_record(result.entry_id).extra.get(REMOTE_KEY, False)
                 t0 = time.perf_counter()
                 latents = store.get_latents(result.entry_id)
                 ms = (time.perf_counter() - t0) * 1e3
