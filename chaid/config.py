@@ -66,12 +66,19 @@ class SamplerSettings:
     cfg_scale: float | None = None
 
 
+CACHE_ATTENTION_CHOICES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class ChaiSettings:
     # Steps of a cache miss (full mode); its latents at cache_steps are what a hit reuses.
     full_steps: int = 30
     # Steps of a cache hit (fast mode): fewer is faster and, past a point, visibly worse.
     fast_steps: int = 8
+    # Whether a hit's fast steps use Cache Attention on the entry's latents: "on", "off"
+    # (a hit is plain sampling at fast_steps; the entry's latents are not read), or "auto",
+    # the model preset's measured choice (on for OpenSora, off for tiny-shapes).
+    cache_attention: str = "auto"
     # 1-based denoising steps whose first block attends to the cached latent of the same step.
     cache_steps: tuple[int, ...] = (2, 3, 4)
     # Spatial blocks that run Cache Attention; more blocks pull harder toward the cached video.
@@ -80,6 +87,9 @@ class ChaiSettings:
     branches: str = "both"
     # "cache": keys/values from the cached latent only; "cache+current": both token sets.
     kv_source: str = "cache"
+    # Strength of Cache Attention: a block's attention output is
+    # self + blend * (cache - self); 1.0 is the paper's (cache only), 0.0 plain sampling.
+    blend: float = 1.0
     # "auto" uses the CuPy kernel on a GPU when available; "reference" or "cupy" force one.
     kernel: str = "auto"
     # Cache a miss whose prompt names nothing the model can draw (a model with a closed
@@ -227,9 +237,11 @@ class Settings:
             raise ConfigError(
                 f"chai.cache_blocks must be block indices >= 0, not {list(chai.cache_blocks)}"
             )
+        check_number("chai.blend", chai.blend, 0.0, 2.0, error=ConfigError)
         for name, allowed in (
             ("branches", ("both", "cond")),
             ("kv_source", ("cache", "cache+current")),
+            ("cache_attention", CACHE_ATTENTION_CHOICES),
             ("kernel", ("auto", "reference", "cupy")),
         ):
             check_choice(f"chai.{name}", getattr(chai, name), allowed, ConfigError)

@@ -7,7 +7,8 @@ these; none compares mode strings of its own.
 request (CacheMode)     outcome (Outcome)       run (RunKind) and its steps
 ======================  ======================  =============================================
 ``auto``, lookup hit    ``hit``                 ``fast``: ``chai.fast_steps`` with Cache
-                                                Attention on the entry's latents
+                                                Attention on the entry's latents (without,
+                                                when :func:`hit_attends` says no)
 ``auto``, lookup miss   ``miss``                ``full``: ``chai.full_steps``; its latents at
                                                 ``chai.cache_steps`` are written to the cache
 ``refresh``             ``miss``                ``full`` (no lookup: forces a new entry)
@@ -38,7 +39,7 @@ class CacheMode(enum.StrEnum):
 class RunKind(enum.StrEnum):
     """How the denoiser ran."""
 
-    FAST = "fast"  # few steps, Cache Attention on cached latents
+    FAST = "fast"  # few steps, Cache Attention on cached latents where the hit uses it
     FULL = "full"  # all steps, latents captured for the cache
     PLAIN = "plain"  # the requested steps, nothing cached or reused
     REPLAY = "replay"  # no denoising: an identical request's final latent, decoded again
@@ -96,3 +97,11 @@ def steps_for(run: RunKind, chai: ChaiSettings, requested: int) -> int:
     if run is RunKind.REPLAY:
         return 0
     return requested
+
+
+def hit_attends(chai: ChaiSettings, model_default: bool) -> bool:
+    """Whether a hit's fast steps run Cache Attention: ``chai.cache_attention`` "on" or
+    "off", or for "auto" the model preset's ``cache_attention``."""
+    if chai.cache_attention == "auto":
+        return model_default
+    return chai.cache_attention == "on"

@@ -38,6 +38,8 @@ def test_file_then_environment_then_flags(tmp_path):
         ("[model]\ndtype = 'int8'\n", "model.dtype"),
         ("[model]\ntext_dtype = 'int4'\n", "model.text_dtype"),
         ("[model]\ntext_after_encode = 'drop'\n", "model.text_after_encode"),
+        ("[chai]\ncache_attention = 'sometimes'\n", "chai.cache_attention"),
+        ("[chai]\nblend = 3.0\n", "chai.blend"),
         ("model = 3\n", "must be a table"),
         ("[model\n", "not valid TOML"),
     ],

@@ -28,7 +28,7 @@ class CacheAttention:
     Args:
         dit: the model (read only).
         latents: step k → cached z_k, (C, T, H, W) like the request's latent; any dtype.
-        settings: cache_steps, cache_blocks, branches, kv_source and kernel.
+        settings: cache_steps, cache_blocks, branches, kv_source, blend and kernel.
         height, width: the video size in pixels (position-embedding scale).
         guided: whether the batch is [cond; uncond] (classifier-free guidance).
     """
@@ -94,6 +94,9 @@ class CacheAttention:
                 )
             else:
                 o = cache_attention(q, k, v, settings.kernel)
+            if settings.blend != 1.0:
+                own = self_attention(q, k_cur, v_cur)
+                o = own + settings.blend * (o - own)
             return block.attn.project_out(o)
 
         return attend

@@ -264,7 +264,7 @@ class ChaiEngine:
         timings: dict[str, float] = {}
         outcome = decide(mode, lookup is not None and lookup.hit)
         cached = None
-        if outcome is Outcome.HIT:
+        if outcome is Outcome.HIT and self.pipeline.hit_attends:
             t0 = time.perf_counter()
             try:
                 stored = self.store.get_latents(lookup.entry_id)

@@ -34,7 +34,7 @@ from chaid.limits import (
 )
 from chaid.models import ModelParts, build_model, build_parts
 from chaid.models.shapes_vocab import Understanding
-from chaid.modes import RunKind, steps_for
+from chaid.modes import RunKind, hit_attends, steps_for
 from chaid.numerics import Numerics, as_seen
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,11 @@ class Pipeline:
         self.device = device
         self.chai = chai or ChaiSettings()
 
+    @property
+    def hit_attends(self) -> bool:
+        """Whether a hit's fast steps run Cache Attention (``chai.cache_attention``)."""
+        return hit_attends(self.chai, self.parts.spec.cache_attention)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
         device = resolve_device(settings.model.device)
@@ -243,12 +248,13 @@ class Pipeline:
     def for_run(self, request: GenerationRequest, run: RunKind,
                 cached: Mapping[int, torch.Tensor] | None = None) -> GenerationRequest:
         """``request`` set up for a kind of run (:mod:`chaid.modes`): FAST runs the fast
-        steps with Cache Attention on ``cached``; FULL runs the full steps and captures the
-        latents a later hit reuses; PLAIN runs the request's own steps, nothing cached."""
+        steps, with Cache Attention on ``cached`` where :attr:`hit_attends`; FULL runs the
+        full steps and captures the latents a later hit reuses; PLAIN runs the request's
+        own steps, nothing cached."""
         steps = steps_for(run, self.chai, request.steps)
         if run is RunKind.FAST:
-            return dataclasses.replace(request, steps=steps, cache_latents=cached,
-                                       capture_steps=())
+            return dataclasses.replace(request, steps=steps, capture_steps=(),
+                                       cache_latents=cached if self.hit_attends else None)
         if run is RunKind.FULL:
             return dataclasses.replace(request, steps=steps, cache_latents=None,
                                        capture_steps=tuple(self.chai.cache_steps))

@@ -72,6 +72,10 @@ class ModelSpec:
     # words); None: the model has no vocabulary to report against (OpenSora's T5 reads
     # anything).
     understand: Callable[[str], Understanding] | None = None
+    # Whether a cache hit runs Cache Attention when chai.cache_attention is "auto": yes
+    # where the paper measured it (OpenSora), no where hits measured no better than plain
+    # few-step sampling (tiny-shapes, docs/results.md).
+    cache_attention: bool = True
 
 
 def _hash_encoder(cfg: STDiT3Config) -> TextEncoder:
@@ -149,6 +153,9 @@ PRESETS: dict[str, ModelSpec] = {
         # Best of 1.5-7 on the suite (docs/shapes.md): above it the model draws extra
         # objects and loses shape, below it motion fades.
         cfg_scale=2.0,
+        # No Cache Attention feed beat plain 8-step sampling at this model's guidance, and
+        # every feed moved the video further from the full run (docs/results.md).
+        cache_attention=False,
     ),
     "tiny-test": ModelSpec(
         name="tiny-test",

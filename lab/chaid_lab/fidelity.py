@@ -106,7 +106,8 @@ def motion_error(video: np.ndarray, truth: np.ndarray) -> float:
     return float(abs(_frame_changes(video).mean() - _frame_changes(truth).mean()))
 
 
-def _spike(video: np.ndarray) -> float:
+def spike(video: np.ndarray) -> float:
+    """The clip's largest frame-to-frame change above its median change."""
     changes = _frame_changes(video)
     return float(changes.max() - np.median(changes))
 
@@ -114,7 +115,7 @@ def _spike(video: np.ndarray) -> float:
 def jump_excess(video: np.ndarray, truth: np.ndarray) -> float:
     """The clip's largest frame-to-frame change above its median change, minus the true
     render's: well above 0 is a jump the world does not make."""
-    return _spike(video) - _spike(truth)
+    return spike(video) - spike(truth)
 
 
 @torch.no_grad()

@@ -3,12 +3,14 @@ known, and the step curve runs, reports and resumes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from scipy import linalg
 
+from chaid.errors import ChaidError
 from chaid_lab import fidelity
 from chaid_lab.stats import paired_difference, pairs_for_half_width
 
@@ -109,7 +111,8 @@ def test_distances():
 def test_step_curve_runs_reports_and_resumes(tmp_path, one_thread):
     from chaid_lab.bench.steps import StepCurveConfig, find, read_rows, run, tables
 
-    cfg = StepCurveConfig(model="tiny-test", pairs=4, steps=(2, 4), variants=("chai", "chai-t"))
+    cfg = StepCurveConfig(model="tiny-test", pairs=4, steps=(2, 4),
+                          variants=("chai", "chai-t", "chai-last-kv"))
     assert run(cfg, tmp_path, (1, 2)) is None  # the other shard's pairs are missing
     assert sorted(read_rows(tmp_path)) == [1, 3]
     report = run(cfg, tmp_path, (0, 2))
@@ -126,6 +129,10 @@ def test_step_curve_runs_reports_and_resumes(tmp_path, one_thread):
     assert sorted(read_rows(tmp_path)) == [0, 1, 2, 3]
     again = run(cfg, tmp_path, (0, 1))  # nothing left to generate: the same report
     assert json.dumps(again["summary"]) == json.dumps(report["summary"])
+    assert find(report, "chai-last-kv-4", "plain-4", "judge")["n"] == 4
+    # rows of another configuration are never mixed into a report
+    with pytest.raises(ChaidError, match="another configuration"):
+        run(dataclasses.replace(cfg, cfg_scale=7.5), tmp_path, (0, 1))
 
 
 def test_t_matched_feeds_the_nearest_noise_level():

@@ -220,3 +220,38 @@ def test_fp16_stored_latents_are_accepted(parts):
     a = pipe.fast(PROMPT_B, full.captured, seed=2).latent
     b = pipe.fast(PROMPT_B, half, seed=2).latent
     assert torch.allclose(a, b, atol=5e-2)
+
+
+def test_hit_attends_follows_the_setting_and_the_model_preset():
+    from chaid.models import get_spec
+    from chaid.modes import hit_attends
+
+    assert hit_attends(ChaiSettings(cache_attention="on"), False)
+    assert not hit_attends(ChaiSettings(cache_attention="off"), True)
+    assert hit_attends(ChaiSettings(), True) and not hit_attends(ChaiSettings(), False)
+    # the measured choices: off where hits never beat plain few-step sampling
+    assert get_spec("tiny-shapes").cache_attention is False
+    assert get_spec("opensora-1.2").cache_attention is True
+
+
+def test_a_hit_without_cache_attention_is_plain_fast_sampling(parts):
+    on, off = make(parts, cache_attention="on"), make(parts, cache_attention="off")
+    full = on.full(PROMPT_A, seed=1)
+    plain = on.generate(GenerationRequest(PROMPT_B, steps=8, seed=2))
+    hit_off = off.fast(PROMPT_B, full.captured, seed=2)
+    assert hit_off.run == "plain" and hit_off.steps == 8
+    assert torch.equal(hit_off.latent, plain.latent)
+    hit_on = on.fast(PROMPT_B, full.captured, seed=2)
+    assert hit_on.run == "fast" and not torch.allclose(hit_on.latent, plain.latent, atol=1e-4)
+    assert make(parts).hit_attends  # tiny-test's preset keeps the paper's hits
+
+
+def test_blend_scales_cache_attention_between_plain_and_the_paper(parts):
+    z = _latent((1, 4, 4, 4, 4), 0)
+    cached = _latent((4, 4, 4, 4), 1)
+    plain = _velocity(parts, z, None)
+    paper = _velocity(parts, z, cached)
+    assert torch.allclose(_velocity(parts, z, cached, blend=0.0), plain, atol=1e-5)
+    half = _velocity(parts, z, cached, blend=0.5)
+    assert not torch.allclose(half, plain, atol=1e-4) and not torch.allclose(half, paper, atol=1e-4)
+    assert torch.allclose(_velocity(parts, z, cached, blend=1.0), paper)

@@ -1,6 +1,7 @@
 """``chaid-lab bench report``: every table and plot of docs/results.md from one command.
 
-Runs, in this order and on this machine: the quality benchmark (all-hit and stream
+Runs, in this order and on this machine: the step curve, the discriminating regime
+(guidance 7.5, where plain-8 loses to full-30), the quality benchmark (all-hit and stream
 workloads, every method), the CHAI ablation, the hit-rate replay of the Shapes stream over
 cache sizes, and the daemon benchmark (1, 4 and 16 clients). Writes into ``--out``:
 
@@ -87,10 +88,34 @@ def _steps(cfg: ReportConfig) -> dict:
     pairs = QUICK_PAIRS if cfg.quick else DEFAULT_PAIRS
     scfg = StepCurveConfig(model=cfg.model, pairs=pairs, seed=cfg.seed,
                            steps=(2, 8) if cfg.quick else STEP_COUNTS)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
-    report = run(scfg, cache / f"report-steps-{cfg.model}-{pairs}-{cfg.seed}")
+    report = run(scfg, _rows_cache() / f"report-steps-{cfg.model}-{pairs}-{cfg.seed}")
     assert report is not None  # one shard: every pair is done when run returns
     return report
+
+
+def _regime(cfg: ReportConfig) -> dict:
+    """The discriminating regime: plain-8, CHAI-8 (two feeds) and full-30 at guidance 7.5,
+    paired over REGIME_PAIRS; rows cached like the step curve's."""
+    from chaid_lab.bench.steps import (
+        QUICK_PAIRS,
+        REGIME_CFG_SCALE,
+        REGIME_PAIRS,
+        REGIME_STEPS,
+        REGIME_VARIANTS,
+        StepCurveConfig,
+        run,
+    )
+
+    pairs = QUICK_PAIRS if cfg.quick else REGIME_PAIRS
+    scfg = StepCurveConfig(model=cfg.model, pairs=pairs, seed=cfg.seed, steps=REGIME_STEPS,
+                           cfg_scale=REGIME_CFG_SCALE, variants=REGIME_VARIANTS)
+    report = run(scfg, _rows_cache() / f"report-regime-{cfg.model}-{pairs}-{cfg.seed}")
+    assert report is not None
+    return report
+
+
+def _rows_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
 
 
 def _quality(cfg: ReportConfig) -> dict:
@@ -139,7 +164,7 @@ def _daemon(cfg: ReportConfig) -> dict:
     return run_daemon_bench(cfg.model, levels, warm_n, serve_n, cfg.seed, workers)
 
 
-PARTS = {"steps": _steps, "quality": _quality, "ablation": _ablation,
+PARTS = {"steps": _steps, "regime": _regime, "quality": _quality, "ablation": _ablation,
          "hit_rates": _hit_rates, "daemon": _daemon}
 
 
@@ -167,6 +192,10 @@ def run_report(cfg: ReportConfig, out: Path, parts: tuple[str, ...] = tuple(PART
         from chaid_lab.bench.steps import plot
 
         plot(report["steps"], out / "step-curve.png")
+    if "regime" in report:
+        from chaid_lab.bench.steps import plot
+
+        plot(report["regime"], out / "regime.png")
     if "quality" in report:
         plot_quality_vs_latency(report["quality"], out / "quality-vs-latency.png")
     if "hit_rates" in report:
@@ -198,6 +227,13 @@ def tables(report: dict) -> str:
 
         lines += [f"### The step curve ({report['steps']['pairs']} entity-sharing pairs)", "",
                   steps.tables(report["steps"]).replace("### ", "#### "), ""]
+    if "regime" in report:
+        from chaid_lab.bench import steps
+
+        r = report["regime"]
+        lines += [f"### The discriminating regime: guidance {r['config']['cfg_scale']}"
+                  f" ({r['pairs']} pairs)", "",
+                  steps.tables(r).replace("### ", "#### "), ""]
     if "quality" in report:
         lines += ["### Methods", "",
                   "| workload | method | steps | median ms | speedup vs full-30 | judge |"

@@ -60,6 +60,15 @@ METRICS: dict[str, bool] = {
     "motion_error": False,
     "jump_excess": False,
 }
+# The discriminating regime (docs/results.md): the tiny-shapes model at guidance 7.5, where
+# plain 8-step sampling loses to full-30 on the judge and on fidelity (at the preset's own
+# 2.0 it does not). Pairs: a judge interval of half-width about 0.012 on plain-8 − full-30,
+# which sits 0.025 below 0.
+REGIME_CFG_SCALE = 7.5
+REGIME_PAIRS = 128
+REGIME_STEPS = (8,)
+# The paper's feed and the best feed measured (cache+current keys and values).
+REGIME_VARIANTS = ("chai", "chai-kv")
 # Bootstrap resamples of the distribution metrics (each one a Fréchet distance per method).
 DISTRIBUTION_RESAMPLES = 200
 
@@ -89,13 +98,21 @@ def chai_at(chai: ChaiSettings, steps: int) -> ChaiSettings:
 
 
 # Variant name → (which cached step feeds fast step k: "index" k itself, "t" the nearest
-# noise level; the CHAI settings it changes).
+# noise level, "last" the full run's last step; the CHAI settings it changes).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "chai": ("index", {}),
     "chai-t": ("t", {}),
     "chai-cond": ("index", {"branches": "cond"}),
     "chai-kv": ("index", {"kv_source": "cache+current"}),
     "chai-t-kv": ("t", {"kv_source": "cache+current"}),
+    # half the pull of the paper's feed: self + 0.5 (cache - self)
+    "chai-blend": ("index", {"blend": 0.5}),
+    # cache+current keys at more fast steps (2-6), each fed the nearest noise level
+    "chai-t-kv-more": ("t", {"kv_source": "cache+current", "cache_steps": (2, 3, 4, 5, 6)}),
+    # cache+current keys in every spatial block of the tiny model, not only the first
+    "chai-kv-deep": ("index", {"kv_source": "cache+current", "cache_blocks": (0, 1, 2, 3)}),
+    # every cached step fed the full run's last latent (the nearly clean video), cache+current
+    "chai-last-kv": ("last", {"kv_source": "cache+current"}),
 }
 
 
@@ -142,8 +159,18 @@ class StepCurve:
         latent = parts.vae.latent_shape(self.base.frames, self.base.height, self.base.width)
         self.ratio = transform_ratio(self.base.height, self.base.width, latent[1],
                                      parts.dit.cfg.input_sq_size)
-        self.feeds = {n: t_matched(n, cfg.chai.full_steps, self.ratio, p.chai.cache_steps)
-                      for n, p in self.fast.items()}
+        # (N, variant) → which full step's latent feeds each of its fast cache steps
+        self.feeds = {
+            (n, kind): self._feed(VARIANTS[kind][0], n, p.chai.cache_steps)
+            for (n, kind), p in self.variant_pipes.items()}
+
+    def _feed(self, kind: str, n: int, steps: tuple[int, ...]) -> dict[int, int]:
+        full = self.cfg.chai.full_steps
+        if kind == "t":
+            return t_matched(n, full, self.ratio, steps)
+        if kind == "last":
+            return {k: full for k in steps}
+        return {k: k for k in steps}
 
     def run_pair(self, index: int) -> dict[str, Any]:
         from chaid_lab.fidelity import judge_features, per_video
@@ -153,9 +180,8 @@ class StepCurve:
         cfg, base, pair = self.cfg, self.base, self.pairs[index]
         full_steps = cfg.chai.full_steps
         # 1. the cached prompt's full run fills the entry (every step CHAI may read)
-        capture = set(cfg.chai.cache_steps)
-        if any(VARIANTS[kind][0] == "t" for kind in cfg.variants):
-            capture |= {m for feed in self.feeds.values() for m in feed.values()}
+        capture = set(cfg.chai.cache_steps) | {
+            m for feed in self.feeds.values() for m in feed.values()}
         cached = self.full.generate(dataclasses.replace(
             base, prompt=pair.cached, seed=cfg.seed + 2 * index, steps=full_steps,
             capture_steps=tuple(sorted(capture))))
@@ -164,9 +190,8 @@ class StepCurve:
         results = {"full-30": self.full.generate(dataclasses.replace(request, steps=full_steps))}
         for n, pipeline in self.fast.items():
             results[f"plain-{n}"] = pipeline.generate(dataclasses.replace(request, steps=n))
-            feeds = {"index": {k: k for k in pipeline.chai.cache_steps}, "t": self.feeds[n]}
             for kind in cfg.variants:
-                latents = {k: cached.captured[m] for k, m in feeds[VARIANTS[kind][0]].items()}
+                latents = {k: cached.captured[m] for k, m in self.feeds[n, kind].items()}
                 results[f"{kind}-{n}"] = self.variant_pipes[n, kind].generate(
                     dataclasses.replace(request, steps=n, cache_latents=latents))
         # 3. scores: the judge, fidelity against truth and against full-30, judge features
@@ -220,9 +245,14 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 def run(cfg: StepCurveConfig, out: Path, shard: tuple[int, int] = (0, 1)) -> dict | None:
     """Run this shard's missing pairs; return the report once every pair is done."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
-    k, n = shard
+    config = json.loads(json.dumps(_config_dict(cfg)))  # as it reads back
     done = read_rows(out)
+    saved = out / "config.json"
+    if done and saved.is_file() and json.loads(saved.read_text()) != config:
+        raise ChaidError(f"{out} holds pairs of another configuration ({saved});"
+                         " choose another --out or remove that directory")
+    saved.write_text(json.dumps(config, indent=2))
+    k, n = shard
     todo = [i for i in range(cfg.pairs) if i % n == k and i not in done]
     if todo:
         curve = StepCurve(cfg)
@@ -444,16 +474,17 @@ def plot(report: dict, path: Path) -> None:
     styles = {"all": "-", "scene": "--", "object": ":"}
     for ax, (metric, title) in zip(axes, panels, strict=True):
         for g, means in report["summary"].items():
-            for kind, colour in (("plain", "tab:blue"), ("chai", "tab:orange")):
+            kinds = ["plain", *report["config"].get("variants", ["chai"])]
+            for kind, colour in zip(kinds, plt.cm.tab10.colors, strict=False):
                 ys = [means[f"{kind}-{n}"][metric] for n in steps]
                 ax.plot(steps, ys, styles[g], color=colour, marker="o", ms=3,
                         label=f"{kind}-N ({g})")
             if metric != "psnr":
                 ax.axhline(means["full-30"][metric], color="grey", ls=styles[g], lw=0.8,
                            label=f"full-30 ({g})")
-        if metric == "judge":  # the paired intervals of CHAI-N − plain-N, all pairs
+        if metric == "judge":  # the paired intervals of the first variant − plain-N, all pairs
             for n in steps:
-                c = find(report, f"chai-{n}", f"plain-{n}", "judge")
+                c = find(report, f"{kinds[1]}-{n}", f"plain-{n}", "judge")
                 if c:
                     base = report["summary"]["all"][f"plain-{n}"]["judge"]
                     ax.errorbar([n], [base + c["mean"]], yerr=[[c["mean"] - c["low"]],

@@ -123,6 +123,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ev.set_defaults(func=_cmd_eval)
 
+    defects = commands.add_parser(
+        "defects",
+        help="count the model's visible defects (bounce jumps, extra objects, shape changes)",
+        description="Generate fixed prompts at several seeds and flag three visible defects"
+        " by metric: a jump at a bounce, a second object for a one-object prompt, a shape"
+        " that changes during the clip; the true renders of the same prompts are checked"
+        " alongside (they must show none). Prints a table; --json writes every reading.",
+    )
+    defects.add_argument("--seeds", type=int, default=10, help="seeds per prompt (default: 10)")
+    defects.add_argument("--steps", type=int, help="denoising steps (default: the full run's)")
+    defects.add_argument(
+        "--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)"
+    )
+    defects.add_argument("--checks", default="jump,extra_object,shape_change",
+                         help="which checks (default: all three)")
+    defects.add_argument("--model", default="tiny-shapes",
+                         help="model preset (default: tiny-shapes)")
+    defects.add_argument("--weights", type=Path, help="DiT weights (default: the preset's)")
+    defects.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    defects.add_argument("--json", type=Path, help="write the report here")
+    defects.set_defaults(func=_cmd_defects)
+
     chai = commands.add_parser(
         "eval-chai",
         help="CHAI on entity-sharing prompt pairs: full-30 vs plain-8 vs CHAI-8",
@@ -229,6 +251,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     print(suite.format_table(report))
+    return 0
+
+
+def _cmd_defects(args: argparse.Namespace) -> int:
+    from chaid.config import MAX_STEPS
+    from chaid_lab.shapes import defects
+
+    check_int("--seeds", args.seeds, 1, 1000, ChaidError)
+    check_int("--threads", args.threads, 1, 256, ChaidError)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1, MAX_STEPS, ChaidError)
+    checks = tuple(c for c in args.checks.split(",") if c)
+    unknown = set(checks) - set(defects.PROMPTS)
+    if unknown or not checks:
+        raise ChaidError(f"--checks: unknown {sorted(unknown)} (known: {', '.join(defects.PROMPTS)})")
+    import torch
+
+    from chaid.engine.pipeline import Pipeline
+    from chaid.models import build_parts
+
+    torch.set_num_threads(args.threads)
+    logging.getLogger("chaid_lab.shapes").setLevel(logging.INFO)
+    pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"))
+    report = defects.run(pipeline, args.seeds, args.steps, args.cfg_scale, checks)
+    report["model"] = args.model
+    if args.weights is not None:
+        report["weights"] = str(args.weights)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    print(defects.format_table(report))
     return 0
 
 
