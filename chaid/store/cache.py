@@ -50,6 +50,7 @@ from chaid.store.errors import (
     EntryNotFoundError,
     StoreCorruptError,
     StoreError,
+    StoreMismatchError,
 )
 from chaid.store.index import EntityIndex
 from chaid.store.integrity import latent_problem, walk
@@ -126,7 +127,16 @@ class LatentCache:
         if analyzer is None:
             analyzer = Analyzer.from_settings(settings)
         emb = analyzer.embedder
-        return cls(settings, embedder=(emb.name, emb.dim), analyzer=analyzer, **kwargs)
+        try:
+            return cls(settings, embedder=(emb.name, emb.dim), analyzer=analyzer, **kwargs)
+        except StoreMismatchError as exc:
+            # Built with another embedder: its entries' text gives the vectors again.
+            from chaid.store.reembed import reembed
+
+            log.warning("%s; re-embedding its entries with %s", exc, emb.name)
+            reembed(Path(settings.data_dir), emb, map_bytes=settings.map_bytes,
+                    max_map_bytes=settings.max_map_bytes, durable=settings.durable)
+            return cls(settings, embedder=(emb.name, emb.dim), analyzer=analyzer, **kwargs)
 
     @classmethod
     def open_existing(cls, settings: StoreSettings, **kwargs: Any) -> LatentCache:

@@ -54,7 +54,7 @@ class Lookup:
 
     def entities(self, analysis: PromptAnalysis, namespace: Namespace,
                  timings: dict[str, float]) -> LookupResult:
-        threshold = self.settings.entity_threshold
+        threshold = self.settings.threshold
         result = LookupResult(hit=False, matching="entity", entities=analysis.entities,
                               threshold=threshold)
         neighbors: list[list[Neighbor]] = [

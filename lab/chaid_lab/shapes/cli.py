@@ -74,6 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="dit only: share of training scenes with two objects (default: 0.3)",
     )
+    train.add_argument(
+        "--bouncing-weight",
+        type=float,
+        help="dit only: weight of bouncing motion against each other motion's 1 (default: 1)",
+    )
     train.set_defaults(func=_cmd_train)
 
     judge = commands.add_parser(
@@ -178,6 +183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ("lr_schedule", args.lr_schedule),
             ("batch_size", args.batch_size),
             ("two_object_prob", args.two_object_prob),
+            ("bouncing_weight", args.bouncing_weight),
         )
         if v is not None
     }

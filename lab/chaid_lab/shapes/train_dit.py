@@ -39,7 +39,7 @@ from chaid.models.text import TextEmbedding
 from chaid.models.weights import load_weights, save_weights
 from chaid_lab.shapes.heldout import TRAINING_DISTRIBUTION
 from chaid_lab.shapes.prompts import describe
-from chaid_lab.shapes.world import render, render_with_masks, sample_scene
+from chaid_lab.shapes.world import MOTIONS, render, render_with_masks, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ class DitTrainConfig:
     # Share of training scenes with two objects; None keeps the world's default (0.3).
     # Pairs are where the model is weakest (binding each attribute to the right object).
     two_object_prob: float | None = None
+    # Weight of bouncing motion against each other motion's 1 in the drawn scenes: a bounce
+    # is the one path that folds within a latent frame, and the hardest motion to learn.
+    bouncing_weight: float = 1.0
     # DiT weights to start from (a safetensors file) instead of the seeded initialisation:
     # a second training stage continues the first one's model with a fresh optimiser.
     init: str | None = None
@@ -166,6 +169,9 @@ def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.
     dist = TRAINING_DISTRIBUTION
     if cfg.two_object_prob is not None:
         dist = replace(dist, two_object_prob=cfg.two_object_prob)
+    if cfg.bouncing_weight != 1.0:
+        dist = replace(dist, motion_weights=tuple(
+            cfg.bouncing_weight if m == "bouncing" else 1.0 for m in MOTIONS))
     scenes = [sample_scene(rng, dist) for _ in range(cfg.dataset_size)]
     shape = parts.vae.latent_shape(spec.frames, spec.height, spec.width)
     latents = torch.empty((cfg.dataset_size, *shape), dtype=torch.float16)
@@ -394,6 +400,7 @@ def cli_train(
     lr_schedule: str | None = None,
     batch_size: int | None = None,
     two_object_prob: float | None = None,
+    bouncing_weight: float | None = None,
 ) -> dict:
     """`chaid-lab shapes train dit`: train tiny-shapes; out None writes the shipped weights.
 
@@ -412,6 +419,7 @@ def cli_train(
         ("threads", threads, check_int, 1, 256),
         ("batch_size", batch_size, check_int, 1, 1024),
         ("two_object_prob", two_object_prob, check_number, 0.0, 1.0),
+        ("bouncing_weight", bouncing_weight, check_number, 0.0, 100.0),
     ):
         if value is not None:
             fields[name] = check(f"--{name.replace('_', '-')}", value, low, high,

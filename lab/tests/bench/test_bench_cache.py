@@ -36,4 +36,4 @@ def test_bench_cache_report(vbench_prompts, tmp_path, capsys):
     assert [row["entries"] for row in report["latency"]] == [200, 400]
     stages = report["latency"][-1]["stages_ms_cold"]
     assert stages["total"]["p50"] > 0 and stages["entities"]["ran"] == 1.0
-    assert report["embedder_precision"] == "float32" and report["embedder_packs"]
+    assert report["embedder"] == "minilm-static" and report["embedder_precision"] == "static"
