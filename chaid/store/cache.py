@@ -130,6 +130,9 @@ class LatentCache:
         try:
             return cls(settings, embedder=(emb.name, emb.dim), analyzer=analyzer, **kwargs)
         except StoreMismatchError as exc:
+            if not settings.reembed:
+                raise StoreMismatchError(f"{exc}; or set store.reembed = true to re-embed "
+                                         "its entries with this embedder") from None
             # Built with another embedder: its entries' text gives the vectors again.
             from chaid.store.reembed import reembed
 

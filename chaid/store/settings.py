@@ -43,6 +43,9 @@ class StoreSettings:
     # offline package; ~5 ms a lookup). A store keeps the vectors of one embedder: opened
     # with another, it re-embeds its entries' text (docs/store.md).
     embedder: str = "minilm-static"
+    # A store built with another embedder: true re-embeds its entries' text when it opens
+    # (one transaction; docs/store.md), false refuses to open it (StoreMismatchError).
+    reembed: bool = True
     # A local model directory instead of the shipped one: a model2vec static model or a
     # sentence-transformers model (told apart by its config.json).
     embedder_path: Path | None = None

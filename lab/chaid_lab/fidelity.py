@@ -199,3 +199,35 @@ def per_video(video: np.ndarray, truth: np.ndarray, full: np.ndarray | None) -> 
         out["psnr"] = psnr(video, full)
         out["ssim"] = ssim(video, full)
     return out
+
+
+# Object tracking of lab/chaid_lab/shapes/defects.py: a pixel is foreground when its RGB
+# differs from the clip's per-pixel temporal median (the background, since objects move) by
+# more than TRACK_DIFF in sum; foreground blobs under TRACK_MIN_AREA pixels are texture.
+TRACK_DIFF = 60
+TRACK_MIN_AREA = 40
+
+
+def largest_blob_jump(video: np.ndarray) -> float:
+    """The largest frame-to-frame move, in pixels, of the clip's largest moving blob: an
+    object that teleports (or splits, the larger half landing elsewhere) moves far more
+    in one frame than the world's fastest bounce (about 6 px a frame at 64x64)."""
+    from scipy import ndimage
+
+    v = video.astype(np.int16)
+    diff = np.abs(v - np.median(v, axis=0)).sum(axis=-1)
+    centres: list[tuple[float, float] | None] = []
+    for frame in diff:
+        mask = ndimage.binary_opening(frame > TRACK_DIFF)
+        labels, count = ndimage.label(mask)
+        if not count:
+            centres.append(None)
+            continue
+        areas = ndimage.sum(mask, labels, range(1, count + 1))
+        best = int(np.argmax(areas))
+        centres.append(ndimage.center_of_mass(mask, labels, best + 1)
+                       if areas[best] >= TRACK_MIN_AREA else None)
+    moves = [float(np.hypot(a[0] - b[0], a[1] - b[1]))
+             for a, b in zip(centres, centres[1:], strict=False) if a is not None and b is not None]
+    return max(moves, default=0.0)
+

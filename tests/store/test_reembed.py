@@ -3,6 +3,7 @@ all: with the real MiniLM and static embedders, and with a re-embedding process 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from storekit import TOY_EMBEDDER, toy_analysis, toy_latents, toy_settings
 
 from chaid.store import db as dbm
 from chaid.store.cache import LatentCache
+from chaid.store.errors import StoreMismatchError
 from chaid.store.settings import StoreSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +74,10 @@ def test_a_store_moves_between_embedders_and_keeps_its_entries(tmp_path, analyze
     with caplog.at_level("WARNING", logger="chaid.store"):
         LatentCache.open(settings, analyzer).close()  # the same embedder: nothing to do
     assert "re-embedding" not in caplog.text
+    refusing = dataclasses.replace(settings, reembed=False)
+    with pytest.raises(StoreMismatchError, match="built with the embedder .*store.reembed"):
+        LatentCache.open(refusing, minilm_analyzer)
+    assert _vectors_match_meta(settings.data_dir)[1] == 256  # refused: nothing changed
     with LatentCache.open(settings, minilm_analyzer) as cache:  # and back again
         assert cache.lookup("a grey fox in a snowy forest", "fp", SHAPE,
                             touch=False).entry_id == ids[0]
