@@ -193,9 +193,9 @@ def run_report(cfg: ReportConfig, out: Path, parts: tuple[str, ...] = tuple(PART
 
         plot(report["steps"], out / "step-curve.png")
     if "regime" in report:
-        from chaid_lab.bench.steps import plot
+        from chaid_lab.bench.steps import plot_paired
 
-        plot(report["regime"], out / "regime.png")
+        plot_paired(report["regime"], out / "regime.png")
     if "quality" in report:
         plot_quality_vs_latency(report["quality"], out / "quality-vs-latency.png")
     if "hit_rates" in report:

@@ -499,3 +499,37 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_paired(report: dict, path: Path, n: int | None = None) -> None:
+    """At one step count: every paired difference with its 95% interval, one panel per
+    metric (judge, PSNR to full-30, Fréchet distance), all pairs: plain-N − full-30, then
+    each variant − plain-N. A bar clear of the zero line is a win or a loss."""
+    from chaid_lab.shapes.suite import _require_matplotlib
+
+    plt = _require_matplotlib()
+    n = n or report["config"]["steps"][-1]
+    variants = report["config"].get("variants", ["chai"])
+    rows = [(f"plain-{n}", "full-30")] + [(f"{v}-{n}", f"plain-{n}") for v in variants]
+    panels = [("judge", "judge (higher is better)"), ("psnr", "PSNR to same-seed full-30, dB"),
+              ("fd", "Fréchet distance to true renders (lower is better)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 0.5 * len(rows) + 2), sharey=True)
+    for ax, (metric, title) in zip(axes, panels, strict=True):
+        for y, (a, b) in enumerate(rows):
+            c = find(report, a, b, metric)
+            if c is None:
+                continue
+            colour = {"win": "tab:green", "loss": "tab:red"}.get(c["verdict"], "tab:grey")
+            ax.errorbar([c["mean"]], [y], xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]],
+                        fmt="o", color=colour, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(range(len(rows)), [f"{a} − {b}" for a, b in rows])
+    axes[0].invert_yaxis()
+    cfg = report["config"]
+    fig.suptitle(f"{report['pairs']} pairs, {cfg['model']}, guidance {cfg['cfg_scale']}: "
+                 "paired differences, 95% intervals (green win, red loss, grey tie)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
