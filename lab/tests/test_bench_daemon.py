@@ -17,7 +17,8 @@ def test_bench_daemon_reports_every_level(tmp_path):
     out = tmp_path / "daemon.json"
     run = subprocess.run(
         [sys.executable, "-m", "chaid_lab", "bench", "daemon", "--model", "tiny-test",
-         "--clients", "3,1", "--warm", "2", "--serve", "4", "--json", str(out)],
+         "--clients", "3,1", "--warm", "2", "--serve", "4", "--batches", "2,1",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, **BASE_ENV, "PYTHONPATH": f"{REPO}:{REPO / 'lab'}"})
     assert run.returncode == 0, run.stdout + run.stderr
@@ -29,6 +30,10 @@ def test_bench_daemon_reports_every_level(tmp_path):
     # one client is served in order, like the in-process reference: the same hits
     assert report["levels"][0]["hit_rate"] == report["in_process"]["hit_rate"]
     assert "in-proc" in run.stdout
+    curve = report["batch_curve"]["rows"]
+    assert [r["batch"] for r in curve] == [1, 2] and curve[0]["gain"] == 1.0
+    assert all(r["ms_per_step"] > 0 and r["gain"] > 0 for r in curve)
+    assert "B=2" in run.stdout
 
 
 def test_bench_daemon_rejects_bad_levels(tmp_path):

@@ -47,6 +47,8 @@ def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve", type=int, default=96, help="measured prompts per level (96)")
     p.add_argument("--seed", type=int, default=0, help="stream seed (default 0)")
     p.add_argument("--quick", action="store_true", help="4 warm-up and 8 measured prompts")
+    p.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)),
+                   help="batch sizes of the step-batching curve (default 1,2,4,8; '' skips it)")
     p.add_argument("--json", type=Path, dest="json_out", help="write the report here")
     p.set_defaults(func=_cmd_bench_daemon)
 
@@ -67,6 +69,52 @@ def _level(clients: int, wall_s: float, runs: list[tuple[float, str]]) -> dict:
         },
         "hit_rate": round(sum(c == "hit" for _, c in runs) / len(runs), 3),
     }
+
+
+DEFAULT_BATCHES = (1, 2, 4, 8)
+# Timed forwards per batch size, after two untimed ones.
+BATCH_REPS = 10
+
+
+def batch_curve(model: str, batches: tuple[int, ...] = DEFAULT_BATCHES,
+                device: str = "auto", reps: int = BATCH_REPS) -> dict:
+    """Milliseconds of one guided denoising step (both guidance branches in one DiT call)
+    for B requests batched together, at the preset's default video size: whether running
+    several requests' steps in one forward would pay on this device. ``gain`` is
+    B × (the step at batch 1) / (the step at batch B): 1.0 means batching buys nothing."""
+    import torch
+
+    from chaid.engine.pipeline import GenerationRequest, Pipeline, resolve_device
+    from chaid.engine.sampler import Guidance
+    from chaid.models import build_parts
+
+    dev = resolve_device(device)
+    torch.set_num_threads(1)  # as one CPU worker runs (in_process below, demo.start_daemon)
+    parts = build_parts(model, device=dev)
+    req = Pipeline(parts, dev).resolve(GenerationRequest("a red circle moving left"))
+    shape = parts.vae.latent_shape(req.frames, req.height, req.width)
+    rows = []
+    for b in batches:
+        text = parts.text_encoder.encode(["a red circle moving left"] * b)
+        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, req.height, req.width)
+        z = torch.randn((b, *shape), generator=torch.Generator().manual_seed(b)).to(dev)
+        times = []
+        with torch.inference_mode():
+            for i in range(reps + 2):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                guidance.velocity(z, 500.0)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if i >= 2:
+                    times.append((time.perf_counter() - t0) * 1e3)
+        rows.append({"batch": b, "ms_per_step": round(statistics.median(times), 2)})
+    base = rows[0]["ms_per_step"] / rows[0]["batch"]
+    for row in rows:
+        row["ms_per_request_step"] = round(row["ms_per_step"] / row["batch"], 2)
+        row["gain"] = round(base * row["batch"] / row["ms_per_step"], 2)
+    return {"device": str(dev), "threads": torch.get_num_threads(), "rows": rows}
 
 
 def in_process(model: str, warm: list[str], serve: list[str], workdir: Path) -> dict:
@@ -167,14 +215,19 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
 
 
 def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: int,
-                     serve_n: int, seed: int = 0, workers: tuple[int, ...] = (1,)) -> dict:
-    """The Shapes stream in process, then through a fresh daemon per client level."""
+                     serve_n: int, seed: int = 0, workers: tuple[int, ...] = (1,),
+                     batches: tuple[int, ...] = DEFAULT_BATCHES) -> dict:
+    """The batch curve, then the Shapes stream in process and through a fresh daemon per
+    client level."""
     from chaid_lab.bench.quality import shapes_stream
 
     stream = shapes_stream(warm_n + serve_n, seed)
     warm, serve = stream[:warm_n], stream[warm_n:]
     report: dict = {"model": model, "warm": warm_n, "serve": serve_n,
                     "cpu_count": os.cpu_count(), "levels": []}
+    if batches:
+        print(f"batch curve: {list(batches)}", file=sys.stderr, flush=True)
+        report["batch_curve"] = batch_curve(model, batches)
     with tempfile.TemporaryDirectory(prefix="chaid-bench-daemon-") as tmp:
         print(f"in process: {warm_n} warm-up + {serve_n} prompts", file=sys.stderr, flush=True)
         ref = in_process(model, warm, serve, Path(tmp))
@@ -200,7 +253,9 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
     if warm_n < 0 or serve_n < 1:
         raise ChaidError("--warm must be >= 0 and --serve >= 1")
     workers = tuple(sorted(set(int_list("--workers", args.workers, 1, 64))))
-    report = run_daemon_bench(args.model, levels, warm_n, serve_n, args.seed, workers)
+    batches = tuple(sorted(set(int_list("--batches", args.batches, 1, 64, empty=True))))
+    report = run_daemon_bench(args.model, levels, warm_n, serve_n, args.seed, workers,
+                              batches)
     print(format_table(report))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +264,13 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
 
 
 def format_table(report: dict) -> str:
-    lines = [
+    lines = []
+    curve = report.get("batch_curve")
+    if curve:
+        lines.append(f"one guided step at batch B ({curve['device']}, {curve['threads']} thread(s)):")
+        lines += [f"  B={r['batch']:<3} {r['ms_per_step']:>9.1f} ms  {r['ms_per_request_step']:>8.1f}"
+                  f" ms per request  gain {r['gain']:.2f}" for r in curve["rows"]]
+    lines += [
         f"{'workers':>8}{'clients':>10}{'wall s':>9}{'req/s':>8}{'vs in-proc':>11}{'p50 ms':>9}"
         f"{'p99 ms':>9}{'hit rate':>9}{'busy':>6}"
     ]

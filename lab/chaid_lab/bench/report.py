@@ -161,7 +161,8 @@ def _daemon(cfg: ReportConfig) -> dict:
     levels, warm_n, serve_n = cfg.daemon
     # One worker, and one per core up to two (server.cpu_workers) where there are two.
     workers = (1,) if cfg.quick or (os.cpu_count() or 1) < 2 else (1, 2)
-    return run_daemon_bench(cfg.model, levels, warm_n, serve_n, cfg.seed, workers)
+    return run_daemon_bench(cfg.model, levels, warm_n, serve_n, cfg.seed, workers,
+                            batches=(1, 2) if cfg.quick else (1, 2, 4, 8))
 
 
 PARTS = {"steps": _steps, "regime": _regime, "quality": _quality, "ablation": _ablation,
@@ -271,6 +272,14 @@ def tables(report: dict) -> str:
         for n in sorted(rows):
             lines.append(f"| {n} | {mb[n]:.2f} | {_fmt(rows[n].get('entity'), '.3f')} |"
                          f" {_fmt(rows[n].get('prompt'), '.3f')} |")
+        lines.append("")
+    if "daemon" in report and report["daemon"].get("batch_curve"):
+        curve = report["daemon"]["batch_curve"]
+        lines += [f"### One guided step at batch B ({curve['device']}, {curve['threads']}"
+                  " thread)", "", "| B | ms per step | ms per request | gain |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['ms_per_request_step']:.1f} |"
+                  f" {r['gain']:.2f} |" for r in curve["rows"]]
         lines.append("")
     if "daemon" in report:
         d = report["daemon"]
