@@ -145,3 +145,27 @@ def test_t_matched_feeds_the_nearest_noise_level():
     for k, m in feed.items():
         assert abs(full[m - 1] - fast[k - 1]) <= min(abs(t - fast[k - 1]) for t in full) + 1e-9
     assert feed[2] > 2 and feed[2] < feed[3] < feed[4]
+
+
+def _square_clip(xs: list[int], size: int = 10) -> np.ndarray:
+    """A white square on a grey ground at column xs[f] of each frame (16 rows down)."""
+    video = np.full((len(xs), 64, 64, 3), 90, np.uint8)
+    for f, x in enumerate(xs):
+        video[f, 16:16 + size, x:x + size] = 250
+    return video
+
+
+def test_blob_jump_sees_a_teleport_and_not_a_glide():
+    glide = _square_clip([4 + 3 * f for f in range(16)])
+    assert fidelity.largest_blob_jump(glide) == pytest.approx(3.0, abs=0.5)
+    teleport = _square_clip([4 + 2 * f if f < 8 else 56 - f for f in range(16)])  # 18 → 48
+    assert fidelity.largest_blob_jump(teleport) > 20
+    from chaid_lab.shapes.defects import Flags, flagged
+
+    flags = Flags(jump=0.0, blob_jump=fidelity.largest_blob_jump(teleport), p_two=0.1,
+                  shape_halves=((0.9, 0.2),))
+    assert flagged("jump", flags) and flagged("shape_change", flags)
+    assert not flagged("extra_object", flags)
+    calm = Flags(jump=0.0, blob_jump=3.0, p_two=0.6, shape_halves=((0.9, 0.5), (0.2, 0.1)))
+    assert not flagged("jump", calm) and not flagged("shape_change", calm)
+    assert flagged("extra_object", calm)

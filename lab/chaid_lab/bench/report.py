@@ -1,7 +1,8 @@
 """``chaid-lab bench report``: every table and plot of docs/results.md from one command.
 
 Runs, in this order and on this machine: the step curve, the discriminating regime
-(guidance 7.5, where plain-8 loses to full-30), the quality benchmark (all-hit and stream
+(guidance 7.5, where plain-8 loses to full-30), the model's visible defects, the quality
+benchmark (all-hit and stream
 workloads, every method), the CHAI ablation, the hit-rate replay of the Shapes stream over
 cache sizes, and the daemon benchmark (1, 4 and 16 clients). Writes into ``--out``:
 
@@ -114,6 +115,19 @@ def _regime(cfg: ReportConfig) -> dict:
     return report
 
 
+def _defects(cfg: ReportConfig) -> dict:
+    """The visible defects of the model (chaid_lab.shapes.defects): 10 seeds per prompt."""
+    from chaid.engine.pipeline import Pipeline
+    from chaid.models import build_parts
+    from chaid_lab.shapes import defects
+
+    pipeline = Pipeline(build_parts(cfg.model), torch.device("cpu"))
+    report = defects.run(pipeline, seeds=1 if cfg.quick else defects.DEFAULT_SEEDS)
+    for check in report["checks"].values():  # the readings stay in the part's own runs
+        check.pop("rows")
+    return report
+
+
 def _rows_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
 
@@ -165,7 +179,7 @@ def _daemon(cfg: ReportConfig) -> dict:
                             batches=(1, 2) if cfg.quick else (1, 2, 4, 8))
 
 
-PARTS = {"steps": _steps, "regime": _regime, "quality": _quality, "ablation": _ablation,
+PARTS = {"steps": _steps, "regime": _regime, "defects": _defects, "quality": _quality, "ablation": _ablation,
          "hit_rates": _hit_rates, "daemon": _daemon}
 
 
@@ -235,6 +249,10 @@ def tables(report: dict) -> str:
         lines += [f"### The discriminating regime: guidance {r['config']['cfg_scale']}"
                   f" ({r['pairs']} pairs)", "",
                   steps.tables(r).replace("### ", "#### "), ""]
+    if "defects" in report:
+        from chaid_lab.shapes.defects import format_table
+
+        lines += ["### " + format_table(report["defects"]), ""]
     if "quality" in report:
         lines += ["### Methods", "",
                   "| workload | method | steps | median ms | speedup vs full-30 | judge |"

@@ -33,13 +33,15 @@ def test_quick_report_writes_json_tables_and_plot(tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, "-m", "chaid_lab", "bench", "report", "--quick", "--model", "tiny-test",
-         "--parts", "steps,regime,ablation,hit_rates", "--out", str(out)],
+         "--parts", "steps,regime,defects,ablation,hit_rates", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
     )
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "results.json").read_text())
-    assert set(report["seconds"]) == {"steps", "regime", "ablation", "hit_rates"}
+    assert set(report["seconds"]) == {"steps", "regime", "defects", "ablation", "hit_rates"}
+    assert set(report["defects"]["checks"]) == {"jump", "extra_object", "shape_change"}
+    assert "Visible defects, 1 seeds per prompt" in (out / "tables.md").read_text()
     assert report["regime"]["config"]["cfg_scale"] == 7.5
     assert report["regime"]["config"]["variants"] == ["chai", "chai-kv"]
     assert (out / "regime.png").stat().st_size > 1000
