@@ -68,9 +68,9 @@ def register_cache(sub: argparse._SubParsersAction) -> None:
 
 
 def _reader(args: argparse.Namespace):
-    from chaid.store.db import LatentDB
+    from chaid.store.integrity import open_reader
 
-    return LatentDB(args.data_dir, readonly=True)
+    return open_reader(args.data_dir)
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

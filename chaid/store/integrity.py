@@ -33,8 +33,8 @@ import lmdb
 
 from chaid.store import db as dbm
 from chaid.store.codec import checksum, stored_length
-from chaid.store.datafile import FileState, inspect_data_file
-from chaid.store.errors import StoreError
+from chaid.store.datafile import FileState, inspect_data_file, repair_hint
+from chaid.store.errors import StoreCorruptError, StoreError
 from chaid.store.pagewalk import walk_in_child
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,20 @@ def walk(db: dbm.LatentDB) -> list[str]:
     checksums are verified on read and by ``chaid cache check``)."""
     names = ["meta", *db._dbs()]
     return walk_in_child(str(db.data_dir / dbm.LMDB_DIRNAME), names, dbm.MAX_DBS)
+
+
+def open_reader(data_dir: Path) -> dbm.LatentDB:
+    """The store read-only (safe beside a running daemon) once a walk of its trees in a child
+    process found nothing wrong: a damaged page is a StoreCorruptError with the repair
+    command, not LMDB aborting this process halfway through a listing."""
+    db = dbm.LatentDB(data_dir, readonly=True)
+    problems = walk(db)
+    if problems:
+        db.close()
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StoreCorruptError(f"the store at {data_dir} is damaged: {problems[0]}{more}; "
+                                f"{repair_hint(Path(data_dir))}")
+    return db
 
 
 def entry_problems(txn, db: dbm.LatentDB, record: dbm.EntryRecord,

@@ -14,11 +14,12 @@ from chaid.store.codec import checksum
 from chaid.store.db import LatentDB
 from chaid.store.errors import EntryNotFoundError, StoreError
 from chaid.store.index import MANIFEST_NAME
+from chaid.store.integrity import open_reader
 
 
 def store_stats(data_dir: Path) -> dict[str, Any]:
     """Counts and sizes of a store, read-only (safe beside a running daemon)."""
-    db = LatentDB(data_dir, readonly=True)
+    db = open_reader(data_dir)
     try:
         meta = db.read_meta()
         per_ns: collections.Counter[str] = collections.Counter()
@@ -57,7 +58,7 @@ def store_stats(data_dir: Path) -> dict[str, Any]:
 
 def show_entry(data_dir: Path, entry_id: int) -> dict[str, Any]:
     """One entry's record plus its latents' sizes and whether their checksums hold."""
-    db = LatentDB(data_dir, readonly=True)
+    db = open_reader(data_dir)
     try:
         with db.read() as txn:
             record = db.get_record(txn, entry_id)

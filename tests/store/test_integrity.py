@@ -135,6 +135,11 @@ def test_damaged_tree_page_is_found_at_open_and_salvaged(tmp_path):
         pytest.fail("no live leaf of the latents' tree was found")
     out = chaid("cache", "check", "--data-dir", str(settings.data_dir))
     assert out.returncode == 1 and "latents database is damaged" in out.stdout, out
+    # the read-only tools walk the trees first: one clear error, not an abort halfway
+    for argv in (["ls"], ["stats"], ["show", "1"]):
+        out = chaid("cache", *argv, "--data-dir", str(settings.data_dir))
+        assert out.returncode > 0 and "latents database is damaged" in out.stderr, (argv, out)
+        assert "--repair" in out.stderr and "Traceback" not in out.stderr
 
     out = chaid("cache", "check", "--repair", "--json", "--data-dir", str(settings.data_dir))
     assert out.returncode == 0, out.stderr[-2000:]
