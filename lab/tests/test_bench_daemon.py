@@ -34,6 +34,10 @@ def test_bench_daemon_reports_every_level(tmp_path):
     assert [r["batch"] for r in curve] == [1, 2] and curve[0]["gain"] == 1.0
     assert all(r["ms_per_step"] > 0 and r["gain"] > 0 for r in curve)
     assert "B=2" in run.stdout
+    for lv in report["levels"]:  # a pinger ran beside the generating clients
+        assert lv["ping_ms"]["count"] >= 1 and lv["ping_ms"]["p99"] > 0
+        assert 0.0 < lv["slowest_share"] <= 1.0
+    assert report["levels"][0]["slowest_share"] == 1.0  # one client serves everything
 
 
 def test_bench_daemon_rejects_bad_levels(tmp_path):

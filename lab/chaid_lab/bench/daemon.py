@@ -72,6 +72,8 @@ def _level(clients: int, wall_s: float, runs: list[tuple[float, str]]) -> dict:
 
 
 DEFAULT_BATCHES = (1, 2, 4, 8)
+# How often the pinger beside the generating clients calls ping.
+PING_EVERY_S = 0.02
 # Timed forwards per batch size, after two untimed ones.
 BATCH_REPS = 10
 
@@ -174,8 +176,24 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
         errors: list[BaseException] = []
         busy = [0]
         lock = threading.Lock()
+        served = [0] * clients  # requests each client completed: the fairness figure
+        pings: list[float] = []
+        done = threading.Event()
 
-        def client_loop() -> None:
+        def pinger() -> None:
+            # Another app's health check beside the generating clients: how long a cheap
+            # call waits while the workers are busy.
+            try:
+                with Client(sock, timeout=60) as c:
+                    while not done.is_set():
+                        t0 = time.perf_counter()
+                        c.ping()
+                        pings.append((time.perf_counter() - t0) * 1e3)
+                        done.wait(PING_EVERY_S)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def client_loop(index: int) -> None:
             try:
                 with Client(sock, timeout=600) as c:
                     while True:
@@ -195,23 +213,35 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
                         ms = (time.perf_counter() - t0) * 1e3
                         with lock:
                             results.append((ms, r.cache))
+                            served[index] += 1
             except BaseException as exc:  # reported below; a benchmark must not hide errors
                 errors.append(exc)
 
-        threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+        ping_thread = threading.Thread(target=pinger)
         t0 = time.perf_counter()
+        ping_thread.start()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        done.set()
+        ping_thread.join()
         if errors:
             raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]!r}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.wait(120)
-    return {**_level(clients, wall, results), "workers": workers, "busy_retries": busy[0]}
+    from chaid_lab.bench.rpc import percentile
+
+    return {**_level(clients, wall, results), "workers": workers, "busy_retries": busy[0],
+            "ping_ms": {"count": len(pings),
+                        "p50": round(percentile(pings, 0.5), 2) if pings else None,
+                        "p99": round(percentile(pings, 0.99), 2) if pings else None},
+            # the slowest client's share of an equal split (1.0: every client served alike)
+            "slowest_share": round(min(served) / (len(results) / clients), 3)}
 
 
 def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: int,
@@ -272,7 +302,7 @@ def format_table(report: dict) -> str:
                   f" ms per request  gain {r['gain']:.2f}" for r in curve["rows"]]
     lines += [
         f"{'workers':>8}{'clients':>10}{'wall s':>9}{'req/s':>8}{'vs in-proc':>11}{'p50 ms':>9}"
-        f"{'p99 ms':>9}{'hit rate':>9}{'busy':>6}"
+        f"{'p99 ms':>9}{'hit rate':>9}{'busy':>6}{'ping p99':>10}{'slowest':>9}"
     ]
     ref = report["in_process"]
     lines.append(
@@ -285,5 +315,6 @@ def format_table(report: dict) -> str:
             f"{lv.get('workers', 1):>8}{lv['clients']:>10}{lv['wall_s']:>9.1f}{lv['throughput_rps']:>8.2f}"
             f"{lv['throughput_vs_in_process']:>11.2f}{lv['latency_ms']['p50']:>9.0f}"
             f"{lv['latency_ms']['p99']:>9.0f}{lv['hit_rate']:>9.2f}{lv['busy_retries']:>6}"
+            f"{lv['ping_ms']['p99'] or 0:>10.1f}{lv['slowest_share']:>9.2f}"
         )
     return "\n".join(lines)

@@ -302,17 +302,21 @@ def tables(report: dict) -> str:
     if "daemon" in report:
         d = report["daemon"]
         lines += [f"### Daemon ({d['serve']} prompts after {d['warm']} warm-up)", "",
-                  "| clients | req/s | vs in-process | p50 ms | p99 ms | hit rate |"
-                  " busy retries |", "|---|---|---|---|---|---|---|"]
+                  "| workers | clients | req/s | vs in-process | p50 ms | p99 ms | hit rate |"
+                  " busy retries | ping p99 ms | slowest client's share |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         ref = d["in_process"]
-        lines.append(f"| in process | {ref['throughput_rps']:.2f} | 1.00 |"
+        lines.append(f"| – | in process | {ref['throughput_rps']:.2f} | 1.00 |"
                      f" {ref['latency_ms']['p50']:.0f} | {ref['latency_ms']['p99']:.0f} |"
-                     f" {ref['hit_rate']:.2f} | – |")
+                     f" {ref['hit_rate']:.2f} | – | – | – |")
         for lv in d["levels"]:
-            lines.append(f"| {lv['clients']} | {lv['throughput_rps']:.2f} |"
-                         f" {lv['throughput_vs_in_process']:.2f} |"
+            ping = (lv.get("ping_ms") or {}).get("p99")
+            lines.append(f"| {lv.get('workers', 1)} | {lv['clients']} |"
+                         f" {lv['throughput_rps']:.2f} | {lv['throughput_vs_in_process']:.2f} |"
                          f" {lv['latency_ms']['p50']:.0f} | {lv['latency_ms']['p99']:.0f} |"
-                         f" {lv['hit_rate']:.2f} | {lv['busy_retries']} |")
+                         f" {lv['hit_rate']:.2f} | {lv['busy_retries']} |"
+                         f" {'–' if ping is None else f'{ping:.1f}'} |"
+                         f" {_fmt(lv.get('slowest_share'), '.2f')} |")
         lines.append("")
     return "\n".join(lines)
 
