@@ -20,7 +20,7 @@ from chaid.checks import check_int, check_number
 from chaid.config import MODEL_CFG_SCALE, ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention
 from chaid.engine.intra_cache import IntraCacheSettings, make_intra_cache
-from chaid.engine.sampler import Guidance, StepHook, run_schedule, sample
+from chaid.engine.sampler import NUM_TIMESTEPS, Guidance, StepHook, run_schedule, sample
 from chaid.errors import InputError
 from chaid.limits import (
     MAX_CFG_SCALE,
@@ -34,6 +34,7 @@ from chaid.limits import (
 )
 from chaid.models import ModelParts, build_model, build_parts
 from chaid.models.shapes_vocab import Understanding
+from chaid.models.text import TextEmbedding
 from chaid.modes import RunKind, hit_attends, steps_for
 from chaid.numerics import Numerics, as_seen
 
@@ -300,6 +301,72 @@ class Pipeline:
         video = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return video.permute(1, 2, 3, 0).cpu().numpy()
 
+    def _timesteps(self, req: GenerationRequest, latent_frames: int) -> list[float]:
+        parts = self.parts
+        return run_schedule(
+            req.steps, height=req.height, width=req.width, frames=req.frames,
+            latent_frames=latent_frames, numerics=parts.numerics, size_dtype=parts.dit.dtype,
+            base_side=parts.dit.cfg.input_sq_size,
+        )
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Several requests denoised together: at each iteration one DiT call runs the next
+        step of every request not yet done, each row at its own timestep, from its own
+        noise and prompt, capturing its own latents; a request of fewer steps leaves the
+        batch when it is done. The results are those of :meth:`generate` for each request
+        alone, to float rounding (a batched matmul sums in another order).
+
+        The requests must share what one forward shares: the latent shape, fps, size and
+        guidance scale; none may use Cache Attention, the intra cache or a start latent
+        (InputError otherwise, before any model work). Timings are the batch's.
+        """
+        if not requests:
+            return []
+        reqs = [self.resolve(r) for r in requests]
+        key = {(r.frames, r.height, r.width, r.fps, r.cfg_scale) for r in reqs}
+        if len(key) > 1:
+            raise InputError(f"requests batched together must share frames, size, fps and "
+                             f"guidance; got {sorted(key, key=str)}")
+        if any(r.cache_latents is not None or r.intra_cache is not None
+               or r.start_latent is not None or r.start_step != 1 for r in reqs):
+            raise InputError("a batched request cannot use Cache Attention, the intra cache "
+                             "or a start latent")
+        parts, first = self.parts, reqs[0]
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t_start = time.perf_counter()
+        text = parts.text_encoder.encode([r.prompt for r in reqs]).to(self.device)
+        sync()
+        t_encoded = time.perf_counter()
+        z = torch.cat([self.initial_noise(r) for r in reqs]).float()
+        schedules = [self._timesteps(r, z.shape[2]) for r in reqs]
+        height, width = self.seen_size(first)
+        captured: list[dict[int, torch.Tensor]] = [{} for _ in reqs]
+        for i in range(max(r.steps for r in reqs)):
+            rows = [b for b, r in enumerate(reqs) if i < r.steps]
+            for b in rows:
+                if i + 1 in reqs[b].capture_steps:
+                    captured[b][i + 1] = z[b].float().cpu().clone()
+            index = torch.tensor(rows, device=self.device)
+            guidance = Guidance(parts.dit, TextEmbedding(text.states[index], text.mask[index]),
+                                first.cfg_scale, first.fps, height, width)
+            t = torch.tensor([schedules[b][i] for b in rows], device=self.device)
+            t_next = torch.tensor([schedules[b][i + 1] if i + 1 < reqs[b].steps else 0.0
+                                   for b in rows], device=self.device)
+            v = guidance.velocity(z[index], t)
+            z[index] = z[index] + v * ((t - t_next) / NUM_TIMESTEPS).view(-1, 1, 1, 1, 1)
+        sync()
+        t_denoised = time.perf_counter()
+        videos = [self._decode(z[b:b + 1], r.frames) for b, r in enumerate(reqs)]
+        t_end = time.perf_counter()
+        timings = Timings(encode_ms=(t_encoded - t_start) * 1000,
+                          denoise_ms=(t_denoised - t_encoded) * 1000,
+                          decode_ms=(t_end - t_denoised) * 1000,
+                          total_ms=(t_end - t_start) * 1000)
+        return [GenerationResult(videos[b], z[b].float().cpu(), r.steps, r.fps, timings,
+                                 RunKind.FULL if r.capture_steps else RunKind.PLAIN,
+                                 captured[b]) for b, r in enumerate(reqs)]
+
     @torch.inference_mode()
     def replay(self, request: GenerationRequest, latent: torch.Tensor) -> GenerationResult:
         """The video of a resolved request from its final latent (an identical request's,
@@ -359,12 +426,7 @@ class Pipeline:
             z_start = req.start_latent.to(self.device, torch.float32)[None]
         else:
             z_start = self.initial_noise(req)
-        dtype = parts.dit.dtype
-        timesteps = run_schedule(
-            req.steps, height=req.height, width=req.width, frames=req.frames,
-            latent_frames=z_start.shape[2], numerics=parts.numerics, size_dtype=dtype,
-            base_side=parts.dit.cfg.input_sq_size,
-        )
+        timesteps = self._timesteps(req, z_start.shape[2])
         # 3. denoise
         height, width = self.seen_size(req)
         guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, height, width)

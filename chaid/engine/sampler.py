@@ -143,18 +143,23 @@ class Guidance:
     def velocity(
         self,
         z: torch.Tensor,
-        t: float,
+        t: float | torch.Tensor,
         attn_plan: BlockAttnPlan | None = None,
         block_runner: BlockRunner | None = None,
     ) -> torch.Tensor:
         """v for latents z (B, C, T, H, W) at timestep t: (B, C, T, H, W) in fp32.
 
-        ``attn_plan`` and ``block_runner`` are passed to the DiT unchanged (both branches of
-        the guidance batch go through one call, so one runner decision covers both).
+        ``t`` is one timestep for every row, or one per row (B,) (several requests batched,
+        each at its own step). ``attn_plan`` and ``block_runner`` are passed to the DiT
+        unchanged (both branches of the guidance batch go through one call, so one runner
+        decision covers both).
         """
         branches = 1 if self.scale is None else 2
         z_in = torch.cat([z] * branches, dim=0) if branches > 1 else z
-        t_in = torch.full((z_in.shape[0],), t, dtype=torch.float32, device=z.device)
+        if isinstance(t, torch.Tensor):
+            t_in = t.to(device=z.device, dtype=torch.float32).repeat(branches)
+        else:
+            t_in = torch.full((z_in.shape[0],), t, dtype=torch.float32, device=z.device)
         out = self.dit(
             z_in,
             t_in,

@@ -122,3 +122,31 @@ def test_invalid_requests_are_refused_before_any_work(pipeline, change, message)
     req = dataclasses.replace(GenerationRequest("a red ball", steps=2), **change)
     with pytest.raises(InputError, match=message):
         pipeline.generate(req, on_step=lambda *a: pytest.fail("model ran"))
+
+
+def test_batched_requests_get_what_each_gets_alone():
+    # A miss (30 steps, capturing), two hits run plain (8 steps) and a request of 12 steps,
+    # in one batch: each row at its own timestep, leaving the batch when it is done.
+    parts = build_parts("tiny-test")
+    randomize_(parts.dit, seed=5)
+    pipe = Pipeline(parts, torch.device("cpu"))
+    full = dataclasses.replace(GenerationRequest("a red circle rolling left", seed=1, steps=30),
+                               capture_steps=(2, 3, 4))
+    requests = [full,
+                GenerationRequest("a blue square bouncing", seed=2, steps=8),
+                GenerationRequest("a crimson ball drifting left", seed=3, steps=8),
+                GenerationRequest("a green triangle over the sea", seed=4, steps=12)]
+    batched = pipe.generate_batch(requests)
+    alone = [pipe.generate(r) for r in requests]
+    for got, ref in zip(batched, alone, strict=True):
+        assert got.steps == ref.steps and got.run == ref.run
+        assert (got.latent - ref.latent).abs().max().item() <= 1e-4
+        assert sorted(got.captured) == sorted(ref.captured)
+        for k in ref.captured:
+            assert (got.captured[k] - ref.captured[k]).abs().max().item() <= 1e-4
+    assert sorted(batched[0].captured) == [2, 3, 4] and not batched[1].captured
+    # what one forward cannot share is refused before any work
+    with pytest.raises(InputError, match="must share"):
+        pipe.generate_batch([requests[1], GenerationRequest("x", frames=8, steps=8)])
+    with pytest.raises(InputError, match="Cache Attention"):
+        pipe.generate_batch([dataclasses.replace(requests[1], cache_latents=alone[0].captured)])
