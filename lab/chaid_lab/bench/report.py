@@ -294,10 +294,11 @@ def tables(report: dict) -> str:
     if "daemon" in report and report["daemon"].get("batch_curve"):
         curve = report["daemon"]["batch_curve"]
         lines += [f"### One guided step at batch B ({curve['device']}, {curve['threads']}"
-                  " thread)", "", "| B | ms per step | ms per request | gain |",
-                  "|---|---|---|---|"]
+                  " thread)", "", "| B | ms per step | ms per request | gain |"
+                  " B hits end to end, ms | gain |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['ms_per_step']:.1f} | {r['ms_per_request_step']:.1f} |"
-                  f" {r['gain']:.2f} |" for r in curve["rows"]]
+                  f" {r['gain']:.2f} | {r.get('hits_ms', 0):.0f} | {r.get('hits_gain', 0):.2f} |"
+                  for r in curve["rows"]]
         lines.append("")
     if "daemon" in report:
         d = report["daemon"]
