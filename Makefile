@@ -40,12 +40,14 @@ product-check:
 # Cache Attention on a GPU: installs the CuPy wheel matching torch's CUDA, runs the kernel
 # tests and the micro-benchmark (CuPy kernel vs torch SDPA, max error and time ratio), then
 # OpenSora 1.2 end to end in bf16 with random weights (depth-4 DiT at full width, full-size
-# VAE): latency per step of a full (30-step) and a fast (8-step, Cache Attention) run.
+# VAE): latency per step of a full (30-step) and a fast (8-step, Cache Attention) run; then
+# the step-batching curve of tiny-shapes on the GPU (whether workers should batch there).
 gpu-check: setup
 	$(PIP) install --quiet --quiet -e ".[$$($(PY) -c "import torch; print('gpu-cuda13' if (torch.version.cuda or '').startswith('13') else 'gpu')")]"
 	$(PY) -m pytest -q -rs -m gpu tests/kernels tests/models
 	$(PY) -m chaid_lab.bench.kernel
 	$(PY) -m chaid_lab.gpu_check
+	$(VENV)/bin/chaid-lab bench batches --device cuda --batches 1,2,4,8,16
 
 # The reliability suite of docs/reliability.md: writer and daemon SIGKILLs, 100,000 fuzzed
 # frames, load, admission and damaged-store faults against real processes (~15 min).

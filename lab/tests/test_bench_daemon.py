@@ -46,3 +46,17 @@ def test_bench_daemon_rejects_bad_levels(tmp_path):
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
         env={**os.environ, **BASE_ENV, "PYTHONPATH": f"{REPO}:{REPO / 'lab'}"})
     assert run.returncode != 0 and "--clients" in run.stderr
+
+
+def test_bench_batches_alone(tmp_path):
+    out = tmp_path / "curve.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "chaid_lab", "bench", "batches", "--model", "tiny-test",
+         "--device", "cpu", "--batches", "2,1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, **BASE_ENV, "PYTHONPATH": f"{REPO}:{REPO / 'lab'}"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    curve = json.loads(out.read_text())
+    assert curve["device"] == "cpu" and [r["batch"] for r in curve["rows"]] == [1, 2]
+    assert curve["rows"][0]["hits_gain"] == 1.0 and curve["rows"][1]["hits_ms"] > 0
+    assert "B=2" in run.stdout and "in-proc" not in run.stdout

@@ -288,7 +288,7 @@ def _cmd_bench_steps(args: argparse.Namespace) -> int:
 
 
 def register_bench(sub: argparse._SubParsersAction) -> None:
-    from chaid_lab.bench.daemon import register_bench_daemon
+    from chaid_lab.bench.daemon import register_bench_batches, register_bench_daemon
     from chaid_lab.bench.rpc import register_bench_rpc
     from chaid_lab.bench.shared import register_bench_shared
 
@@ -297,5 +297,6 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     for register in (_register_bench_cache, _register_bench_threshold, _register_bench_matching,
                      register_bench_quality,
                      register_bench_ablation, register_bench_report, register_bench_rpc,
-                     register_bench_daemon, _register_bench_steps, register_bench_shared):
+                     register_bench_daemon, register_bench_batches, _register_bench_steps,
+                     register_bench_shared):
         register(bench_sub)

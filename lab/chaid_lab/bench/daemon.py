@@ -53,6 +53,32 @@ def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench_daemon)
 
 
+def register_bench_batches(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "batches", help="the step-batching curve alone: B requests per forward, per device",
+        description="Time one guided denoising step of B requests batched together, and B "
+        "hits end to end through Pipeline.generate_batch, on one device (the daemon "
+        "benchmark's first part; make gpu-check runs it on CUDA).")
+    p.add_argument("--model", default="tiny-shapes", help="model preset (default tiny-shapes)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)),
+                   help="batch sizes (default 1,2,4,8)")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the curve here")
+    p.set_defaults(func=_cmd_bench_batches)
+
+
+def _cmd_bench_batches(args: argparse.Namespace) -> int:
+    from chaid_lab.cli_args import int_list
+
+    batches = tuple(sorted(set(int_list("--batches", args.batches, 1, 256))))
+    curve = batch_curve(args.model, batches, device=args.device)
+    print(format_table({"batch_curve": curve}))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(curve, indent=1))
+    return 0
+
+
 def _level(clients: int, wall_s: float, runs: list[tuple[float, str]]) -> dict:
     """One row of the report: ``runs`` are (end-to-end ms, "hit" / "miss") per request."""
     from chaid_lab.bench.rpc import percentile
@@ -311,6 +337,8 @@ def format_table(report: dict) -> str:
         lines += [f"  B={r['batch']:<3} {r['ms_per_step']:>9.1f} ms  {r['ms_per_request_step']:>8.1f}"
                   f" ms per request  gain {r['gain']:.2f}; B hits end to end"
                   f" {r['hits_ms']:.0f} ms, gain {r['hits_gain']:.2f}" for r in curve["rows"]]
+    if "in_process" not in report:
+        return "\n".join(lines)
     lines += [
         f"{'workers':>8}{'clients':>10}{'wall s':>9}{'req/s':>8}{'vs in-proc':>11}{'p50 ms':>9}"
         f"{'p99 ms':>9}{'hit rate':>9}{'busy':>6}{'ping p99':>10}{'slowest':>9}"
