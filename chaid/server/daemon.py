@@ -357,6 +357,9 @@ class Daemon:
             "model": self.engine.pipeline.parts.spec.name,
             "device": str(self.engine.pipeline.device),
             "fingerprint": self.engine.fingerprint,
+            # what a hit runs: its steps, and whether they attend to the entry's latents
+            "hit": {"steps": self.engine.pipeline.chai.fast_steps,
+                    "cache_attention": self.engine.pipeline.hit_attends},
             "queue": {"size": self.worker.queue_size, "queued": self.worker.queued,
                       "clients": self._queue_depths(conn),
                       "running": _progress(next(iter(self.worker.running), None))},

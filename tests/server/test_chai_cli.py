@@ -153,6 +153,10 @@ def test_what_the_model_understood(tmp_path):
             assert "red → colour red" in fox.understood["known"]
             assert fox.inserted is not None  # partly understood: cached
             assert c.stats()["cache"]["entries"] == 1
+            # a hit on tiny-shapes runs 8 plain steps (chai.cache_attention = auto: off)
+            hit = c.generate("a red square over a snowy forest")
+            assert hit.cache == "hit" and hit.mode == "plain" and hit.steps == 8
+            assert c.stats()["hit"] == {"steps": 8, "cache_attention": False}
         run = chai("generate", "一只猫在弹钢琴", "-o", str(tmp_path / "zh.mp4"),
                    socket=shapes.socket)
         err = run.stderr.decode()
