@@ -377,14 +377,25 @@ def test_deadline_stops_a_step_that_has_begun(shared_daemon):
         assert err.value.code == "deadline_exceeded" and err.value.data["steps_done"] == 0
         assert "nothing was run" in err.value.message and time.monotonic() - t0 < 1.0
         estimate = err.value.data["estimated_s"]
-        deadline = estimate / 1.4  # admitted: the estimate is within 1.5x of it
-        t0 = time.monotonic()
-        with pytest.raises(RpcError) as err:
-            c.generate("a red circle", deadline_s=deadline, **big)
-        took = time.monotonic() - t0
-        assert err.value.code == "deadline_exceeded", err.value
-        assert "nothing was run" not in err.value.message
-        assert took < deadline + 2.0, (took, deadline, estimate)
+        admitted = estimate / 1.49  # the lowest deadline admitted (estimate within 1.5x)
+        # The run must still be going at the deadline. The estimate comes from timings
+        # taken at start-up; a run faster than the lowest admitted deadline meets it (the
+        # video comes back in time, which is checked), and is tried once more, as a run's
+        # time moves with the machine's load.
+        for _ in range(2):
+            t0 = time.monotonic()
+            try:
+                c.generate("a red circle", deadline_s=admitted, **big)
+            except RpcError as exc:
+                took = time.monotonic() - t0
+                assert exc.code == "deadline_exceeded", exc
+                assert "nothing was run" not in exc.message
+                assert took < admitted + 2.0, (took, admitted, estimate)
+                return
+            took = time.monotonic() - t0
+            assert took < admitted + 0.5, (took, admitted)  # met: it came back in time
+        pytest.skip(f"this run ({took:.2f} s) beat the lowest deadline the estimate "
+                    f"({estimate:.2f} s) admits twice; no admitted deadline falls inside it")
 
 
 def test_deadline_inflight_limit_and_duplicate_ids(shared_daemon):
