@@ -53,7 +53,7 @@ from chaid.store.errors import (
     StoreMismatchError,
 )
 from chaid.store.index import EntityIndex
-from chaid.store.integrity import latent_problem, walk
+from chaid.store.integrity import check_trees, latent_problem
 from chaid.store.lookup import Lookup
 from chaid.store.maintenance import CheckReport, IndexMaintenance
 from chaid.store.matching import LookupResult
@@ -152,11 +152,7 @@ class LatentCache:
     def _check_structure(self) -> None:
         """Refuse a store whose trees are damaged, saying what is wrong and how to recover
         (a walk of every key; the latents' bytes are verified when read)."""
-        problems = walk(self.db)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise StoreCorruptError(f"the store at {self.data_dir} is damaged: {problems[0]}"
-                                    f"{more}; {repair_hint(self.data_dir)}")
+        check_trees(self.db)
 
     def _load_catalog(self) -> None:
         try:

@@ -50,17 +50,26 @@ def walk(db: dbm.LatentDB) -> list[str]:
     return walk_in_child(str(db.data_dir / dbm.LMDB_DIRNAME), names, dbm.MAX_DBS)
 
 
-def open_reader(data_dir: Path) -> dbm.LatentDB:
-    """The store read-only (safe beside a running daemon) once a walk of its trees in a child
-    process found nothing wrong: a damaged page is a StoreCorruptError with the repair
-    command, not LMDB aborting this process halfway through a listing."""
-    db = dbm.LatentDB(data_dir, readonly=True)
+def check_trees(db: dbm.LatentDB) -> None:
+    """StoreCorruptError, saying what is wrong and how to recover, unless a walk of every
+    tree (:func:`walk`) finds nothing wrong."""
     problems = walk(db)
     if problems:
-        db.close()
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise StoreCorruptError(f"the store at {data_dir} is damaged: {problems[0]}{more}; "
-                                f"{repair_hint(Path(data_dir))}")
+        raise StoreCorruptError(f"the store at {db.data_dir} is damaged: {problems[0]}{more}; "
+                                f"{repair_hint(db.data_dir)}")
+
+
+def open_reader(data_dir: Path) -> dbm.LatentDB:
+    """The store read-only (safe beside a running daemon) once :func:`check_trees` passed: a
+    damaged page is a StoreCorruptError with the repair command, not LMDB aborting this
+    process halfway through a listing."""
+    db = dbm.LatentDB(data_dir, readonly=True)
+    try:
+        check_trees(db)
+    except BaseException:
+        db.close()
+        raise
     return db
 
 

@@ -12,6 +12,7 @@ at the next open.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ def reembed(data_dir: Path, embedder: Embedder, *, map_bytes: int = 64 << 20,
     store = dbm.LatentDB(data_dir, map_bytes=map_bytes, max_map_bytes=max_map_bytes,
                          durable=durable, embedder=None)
     try:
-        before = store.read_meta().get("embedder", "?")
+        meta = store.read_meta()
+        before, old_dim = meta.get("embedder", "?"), meta["dim"]
         with store.read() as txn:
             records = list(store.iter_records(txn))
         texts = [e for r in records for e in r.entities] + [r.prompt for r in records]
@@ -56,36 +58,29 @@ def reembed(data_dir: Path, embedder: Embedder, *, map_bytes: int = 64 << 20,
         vectors = np.concatenate(
             [embedder.embed_uncached(unique[i:i + BATCH]) for i in range(0, len(unique), BATCH)]
         ) if unique else np.zeros((0, embedder.dim), np.float32)
-        width = 4 * embedder.dim  # bytes of one float32 vector
+        # an entry holds one float32 vector per entity plus its prompt's
+        growth = 4 * (embedder.dim - old_dim)
 
         def body(txn) -> int:
+            # No side effects outside the transaction: LatentDB.write runs this again from
+            # the start when the map has to grow.
             total = 0
-            count = 0
             for record in records:
-                old_dim = None
                 for pos, (item, entity) in enumerate(zip(record.item_ids, record.entities,
                                                          strict=True)):
-                    raw = txn.get(dbm.id_key(item), db=store.vectors)
-                    if raw is not None and old_dim is None:
-                        old_dim = dbm.parse_vector(raw)[2].size
                     txn.put(dbm.id_key(item),
                             dbm.vector_value(record.entry_id, pos, vectors[row[entity]]),
                             db=store.vectors)
-                    count += 1
-                raw_prompt = txn.get(dbm.id_key(record.entry_id), db=store.prompts)
-                if old_dim is None and raw_prompt is not None:
-                    old_dim = len(raw_prompt) // 4
                 txn.put(dbm.id_key(record.entry_id), vectors[row[record.prompt]].tobytes(),
                         db=store.prompts)
-                if old_dim is not None:
-                    old_vector_bytes = 4 * old_dim * (len(record.item_ids) + 1)
-                    record.bytes += width * (len(record.item_ids) + 1) - old_vector_bytes
-                txn.put(dbm.id_key(record.entry_id), record.encode(), db=store.entries)
-                total += record.bytes
+                resized = dataclasses.replace(
+                    record, bytes=record.bytes + growth * (len(record.item_ids) + 1))
+                txn.put(dbm.id_key(record.entry_id), resized.encode(), db=store.entries)
+                total += resized.bytes
             store.put_meta(txn, "total_bytes", total)
             store.put_meta(txn, "embedder", embedder.name)
             store.put_meta(txn, "dim", embedder.dim)
-            return count
+            return sum(len(r.item_ids) for r in records)
 
         count = store.write(body)
     finally:
