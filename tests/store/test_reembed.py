@@ -35,11 +35,16 @@ def _vectors_match_meta(data_dir: Path) -> tuple[str, int]:
         with store.read() as txn:
             dims = {dbm.parse_vector(v)[2].size for _, v in txn.cursor(db=store.vectors)}
             dims |= {len(v) // 4 for _, v in txn.cursor(db=store.prompts)}
-            total = sum(r.bytes for r in store.iter_records(txn))
+            records = list(store.iter_records(txn))
+            # each entry's bytes: its latents plus a float32 vector per entity and prompt
+            wrong = [r.entry_id for r in records if r.bytes != 4 * meta["dim"] * (
+                len(r.item_ids) + 1) + sum(len(txn.get(dbm.latent_key(r.entry_id, s),
+                                                       db=store.latents)) for s in r.steps)]
     finally:
         store.close()
     assert dims == {meta["dim"]}
-    assert total == meta["total_bytes"]
+    assert sum(r.bytes for r in records) == meta["total_bytes"]
+    assert not wrong, wrong[:5]
     return meta["embedder"], meta["dim"]
 
 
