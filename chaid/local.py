@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from chaid.config import MODEL_CFG_SCALE, Settings, load_settings
-from chaid.modes import CacheMode
+from chaid.modes import CacheMode, needs_lookup
 
 
 @dataclass
@@ -109,7 +109,7 @@ class LocalChai:
         request = engine.resolve(prompt, frames=frames, height=height, width=width,
                                  seed=seed, cfg_scale=cfg_scale, steps=steps)
         repeat = engine.find_repeat(request, mode)
-        lookup = engine.lookup_or_miss(request) if mode is CacheMode.AUTO and repeat is None \
+        lookup = engine.lookup_or_miss(request) if repeat is None and needs_lookup(mode) \
             else None
         outcome = engine.generate(request, mode, lookup, repeat=repeat)
         inserted = engine.insert(outcome)

@@ -342,14 +342,18 @@ class Pipeline:
         schedules = [self._timesteps(r, z.shape[2]) for r in reqs]
         height, width = self.seen_size(first)
         captured: list[dict[int, torch.Tensor]] = [{} for _ in reqs]
+        active: list[int] = []
         for i in range(max(r.steps for r in reqs)):
             rows = [b for b, r in enumerate(reqs) if i < r.steps]
             for b in rows:
                 if i + 1 in reqs[b].capture_steps:
                     captured[b][i + 1] = z[b].float().cpu().clone()
-            index = torch.tensor(rows, device=self.device)
-            guidance = Guidance(parts.dit, TextEmbedding(text.states[index], text.mask[index]),
-                                first.cfg_scale, first.fps, height, width)
+            if rows != active:  # the batch's rows change only when a request is done
+                active = rows
+                index = torch.tensor(rows, device=self.device)
+                guidance = Guidance(parts.dit,
+                                    TextEmbedding(text.states[index], text.mask[index]),
+                                    first.cfg_scale, first.fps, height, width)
             t = torch.tensor([schedules[b][i] for b in rows], device=self.device)
             t_next = torch.tensor([schedules[b][i + 1] if i + 1 < reqs[b].steps else 0.0
                                    for b in rows], device=self.device)
