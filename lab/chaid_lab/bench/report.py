@@ -83,15 +83,12 @@ def _steps(cfg: ReportConfig) -> dict:
         QUICK_PAIRS,
         STEP_COUNTS,
         StepCurveConfig,
-        run,
     )
 
     pairs = QUICK_PAIRS if cfg.quick else DEFAULT_PAIRS
     scfg = StepCurveConfig(model=cfg.model, pairs=pairs, seed=cfg.seed,
                            steps=(2, 8) if cfg.quick else STEP_COUNTS)
-    report = run(scfg, _rows_cache() / f"report-steps-{cfg.model}-{pairs}-{cfg.seed}")
-    assert report is not None  # one shard: every pair is done when run returns
-    return report
+    return _run_curve(scfg, "steps")
 
 
 def _regime(cfg: ReportConfig) -> dict:
@@ -104,15 +101,12 @@ def _regime(cfg: ReportConfig) -> dict:
         REGIME_STEPS,
         REGIME_VARIANTS,
         StepCurveConfig,
-        run,
     )
 
     pairs = QUICK_PAIRS if cfg.quick else REGIME_PAIRS
     scfg = StepCurveConfig(model=cfg.model, pairs=pairs, seed=cfg.seed, steps=REGIME_STEPS,
                            cfg_scale=REGIME_CFG_SCALE, variants=REGIME_VARIANTS)
-    report = run(scfg, _rows_cache() / f"report-regime-{cfg.model}-{pairs}-{cfg.seed}")
-    assert report is not None
-    return report
+    return _run_curve(scfg, "regime")
 
 
 def _defects(cfg: ReportConfig) -> dict:
@@ -128,8 +122,15 @@ def _defects(cfg: ReportConfig) -> dict:
     return report
 
 
-def _rows_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
+def _run_curve(scfg: Any, name: str) -> dict:
+    """A step-curve run whose rows stay in the user's cache directory, so a stopped report
+    resumes where it stopped."""
+    from chaid_lab.bench.steps import run
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
+    report = run(scfg, cache / f"report-{name}-{scfg.model}-{scfg.pairs}-{scfg.seed}")
+    assert report is not None  # one shard: every pair is done when run returns
+    return report
 
 
 def _quality(cfg: ReportConfig) -> dict:
@@ -179,8 +180,8 @@ def _daemon(cfg: ReportConfig) -> dict:
                             batches=(1, 2) if cfg.quick else (1, 2, 4, 8))
 
 
-PARTS = {"steps": _steps, "regime": _regime, "defects": _defects, "quality": _quality, "ablation": _ablation,
-         "hit_rates": _hit_rates, "daemon": _daemon}
+PARTS = {"steps": _steps, "regime": _regime, "defects": _defects, "quality": _quality,
+         "ablation": _ablation, "hit_rates": _hit_rates, "daemon": _daemon}
 
 
 def run_report(cfg: ReportConfig, out: Path, parts: tuple[str, ...] = tuple(PARTS)) -> dict:

@@ -472,9 +472,9 @@ def plot(report: dict, path: Path) -> None:
               ("fd", "Fréchet distance to true renders (lower is better)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     styles = {"all": "-", "scene": "--", "object": ":"}
+    kinds = ["plain", *report["config"].get("variants", ["chai"])]
     for ax, (metric, title) in zip(axes, panels, strict=True):
         for g, means in report["summary"].items():
-            kinds = ["plain", *report["config"].get("variants", ["chai"])]
             for kind, colour in zip(kinds, plt.cm.tab10.colors, strict=False):
                 ys = [means[f"{kind}-{n}"][metric] for n in steps]
                 ax.plot(steps, ys, styles[g], color=colour, marker="o", ms=3,

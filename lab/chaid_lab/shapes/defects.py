@@ -110,12 +110,12 @@ def round_trip(pipeline: Any, video: np.ndarray) -> np.ndarray:
     that VAE can show (what the checks read of it is their floor on generated videos)."""
     import torch
 
+    from chaid_lab.shapes.data import to_tensor, to_uint8
+
     vae = pipeline.parts.vae
-    x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     with torch.no_grad():
-        y = vae.decode(vae.encode(x.to(pipeline.device)), video.shape[0])[0]
-    return ((y.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) \
-        .permute(1, 2, 3, 0).numpy()
+        x = to_tensor(video)[None].to(pipeline.device)
+        return to_uint8(vae.decode(vae.encode(x), video.shape[0])[0])
 
 
 def run(pipeline: Any, seeds: int = DEFAULT_SEEDS, steps: int | None = None,
