@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from chaid.store.errors import AnalyzerError
-from chaid.store.settings import StoreSettings
+from chaid.store.settings import EMBEDDER_PRECISIONS, StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Embedder:
 
     def __init__(self, path: Path | str | None = None, memo_size: int = 4096,
                  precision: str = "float32", kind: str = "minilm") -> None:
-        if precision not in ("float32", "bfloat16"):
+        if precision not in EMBEDDER_PRECISIONS:
             raise AnalyzerError(f"unknown embedder precision {precision!r}")
         if path is None and kind == "minilm-static":
             path = STATIC_MINILM
