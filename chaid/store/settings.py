@@ -114,7 +114,7 @@ class StoreSettings:
         """The entity threshold in force: store.entity_threshold, or the embedder's own."""
         if self.entity_threshold is not None:
             return self.entity_threshold
-        return ENTITY_THRESHOLDS.get(self.embedder, ENTITY_THRESHOLDS["minilm"])
+        return ENTITY_THRESHOLDS[self.embedder]  # validate() names an unknown embedder
 
     def validate(self) -> StoreSettings:
         """Return self when every value is in range, else raise StoreError naming the field."""
