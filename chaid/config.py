@@ -183,6 +183,12 @@ class ServerSettings:
     # Workers on a CPU device: each runs its own model replica on torch_threads threads,
     # so a small model uses N cores as N workers of one thread (tiny-shapes: docs/deploy.md).
     cpu_workers: int = 1
+    # Most jobs one worker denoises together, one model call per step for all of them
+    # (chaid/engine/worker.py). 0: the measured choice for the device kind
+    # (BATCH_BY_DEVICE: 1, no batching, on the CPU, where batches measured no faster; 1 on
+    # a GPU until its batch curve, `make gpu-check`, is measured there). 1 runs jobs one at
+    # a time.
+    max_batch: int = 0
     # "text" for people, "json" for log collectors (one object per line).
     log_format: str = "text"
     # Lowest level logged: debug, info, warning, error.
@@ -275,6 +281,7 @@ class Settings:
         if srv.rate_per_s < 0 or srv.rate_burst < 1:
             raise ConfigError("server.rate_per_s must be >= 0 and server.rate_burst >= 1")
         check_int("server.cpu_workers", srv.cpu_workers, 1, 64, ConfigError)
+        check_int("server.max_batch", srv.max_batch, 0, 64, ConfigError)
         for device in srv.devices:
             if device != "cpu" and device != "cuda" and not device.startswith("cuda:"):
                 raise ConfigError(f"server.devices: {device!r} is not cpu, cuda or cuda:N")

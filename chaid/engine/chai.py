@@ -100,6 +100,19 @@ class ChaiOutcome:
         }
 
 
+@dataclass
+class Planned:
+    """A request whose run is decided (:meth:`ChaiEngine.plan`) but not yet made."""
+
+    request: GenerationRequest  # as asked, resolved
+    mode: CacheMode
+    outcome: Outcome
+    run: GenerationRequest  # the request set up for its run (Pipeline.for_run)
+    lookup: LookupResult | None
+    understood: Understanding | None
+    timings: dict[str, float]
+
+
 def lookup_as_dict(lk: LookupResult) -> dict[str, Any]:
     """A lookup result for the wire (plain types, rounded scores)."""
     return {
@@ -257,10 +270,22 @@ class ChaiEngine:
         latents is left to :meth:`insert` so the device is free meanwhile. ``repeat`` (from
         :meth:`find_repeat`) replays an identical request's final latent instead.
         """
-        understood = self.pipeline.understand(request.prompt)
         if repeat is not None:
-            return ChaiOutcome(self.pipeline.replay(request, repeat), Outcome.REPEAT, request,
-                               understood=understood)
+            return self.replay(request, repeat)
+        planned = self.plan(request, mode, lookup)
+        return self.complete(planned, self.pipeline.generate(planned.run, on_step))
+
+    def replay(self, request: GenerationRequest, repeat: torch.Tensor) -> ChaiOutcome:
+        """The outcome of an exact repeat: the stored final latent decoded."""
+        return ChaiOutcome(self.pipeline.replay(request, repeat), Outcome.REPEAT, request,
+                           understood=self.pipeline.understand(request.prompt))
+
+    def plan(self, request: GenerationRequest, mode: CacheMode,
+             lookup: LookupResult | None = None) -> Planned:
+        """Which run ``request`` gets (:meth:`generate`'s rule), with a hit's cached latents
+        read; nothing runs on the device. An entry evicted or damaged since the lookup
+        makes the request a miss (a damaged one is quarantined, never served)."""
+        understood = self.pipeline.understand(request.prompt)
         timings: dict[str, float] = {}
         outcome = decide(mode, lookup is not None and lookup.hit)
         cached = None
@@ -278,16 +303,21 @@ class ChaiEngine:
                 self.store.quarantine(exc.entry_id, exc.problem)
                 outcome = Outcome.MISS
             timings["read_ms"] = (time.perf_counter() - t0) * 1e3
-        req = self.pipeline.for_run(request, outcome.run, cached)
         if understood is not None and not understood.drawable:
             log.warning("%s cannot draw anything %r names (unknown: %s)",
                         self.pipeline.parts.spec.name, request.prompt[:80],
                         ", ".join(understood.unknown[:8]) or "-")
-        result = self.pipeline.generate(req, on_step)
+        return Planned(request, CacheMode(mode), outcome,
+                       self.pipeline.for_run(request, outcome.run, cached), lookup,
+                       understood, timings)
+
+    def complete(self, planned: Planned, result: GenerationResult) -> ChaiOutcome:
+        """The outcome of a planned request's finished run (its final latent kept for
+        exact repeats)."""
         if self.repeats is not None:
-            self.repeats.put(self._repeat_key(request, mode), result.latent)
-        return ChaiOutcome(result, outcome, req, lookup, timings_ms=timings,
-                           understood=understood)
+            self.repeats.put(self._repeat_key(planned.request, planned.mode), result.latent)
+        return ChaiOutcome(result, planned.outcome, planned.run, planned.lookup,
+                           timings_ms=planned.timings, understood=planned.understood)
 
     def insert(self, outcome: ChaiOutcome, owner_uid: int | None = None
                ) -> InsertResult | None:

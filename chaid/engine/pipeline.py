@@ -19,8 +19,8 @@ import torch
 from chaid.checks import check_int, check_number
 from chaid.config import MODEL_CFG_SCALE, ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention
-from chaid.engine.intra_cache import IntraCacheSettings, make_intra_cache
-from chaid.engine.sampler import NUM_TIMESTEPS, Guidance, StepHook, run_schedule, sample
+from chaid.engine.intra_cache import FirstBlockCache, IntraCacheSettings, make_intra_cache
+from chaid.engine.sampler import Guidance, StepHook, euler_step, run_schedule
 from chaid.errors import InputError
 from chaid.limits import (
     MAX_CFG_SCALE,
@@ -101,6 +101,55 @@ class GenerationResult:
     def steps_run(self) -> int:
         """Model calls made: the schedule's steps from start_step on."""
         return self.steps - self.start_step + 1
+
+
+@dataclass(eq=False)
+class Run:
+    """One request on its way through the sampler, one step at a time
+    (:meth:`Pipeline.start`, :meth:`Pipeline.step`, :meth:`Pipeline.finish`). Everything
+    the request's denoising needs lives here, so the runs of several requests can be
+    stepped in any interleaving, together or apart, on one pipeline."""
+
+    request: GenerationRequest  # resolved
+    text: TextEmbedding
+    guidance: Guidance  # of this request alone
+    z: torch.Tensor  # (1, C, T, h, w) fp32: the latent fed to the next step
+    timesteps: list[float]
+    index: int  # 0-based index of the next step in timesteps
+    attention: CacheAttention | None = None
+    intra: FirstBlockCache | None = None
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def step_number(self) -> int:
+        """The 1-based step run next."""
+        return self.index + 1
+
+    @property
+    def t(self) -> float:
+        return self.timesteps[self.index]
+
+    @property
+    def t_next(self) -> float:
+        return self.timesteps[self.index + 1] if self.index + 1 < len(self.timesteps) else 0.0
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """What one model call shares: runs with equal keys batch together. None: this run
+        steps alone (Cache Attention and the intra cache plan per request, and a start
+        latent's run is kept apart from batches too)."""
+        req = self.request
+        if self.attention is not None or self.intra is not None:
+            return None
+        return (tuple(self.z.shape), req.fps, req.height, req.width, req.cfg_scale)
+
+    def batches_with(self, other: Run) -> bool:
+        return self.batch_key is not None and self.batch_key == other.batch_key
 
 
 # A DiT below this many parameters runs on one CPU thread by default: its matrices are too
@@ -310,66 +359,109 @@ class Pipeline:
         )
 
     @torch.inference_mode()
+    def start(self, request: GenerationRequest) -> Run:
+        """A :class:`Run` of ``request`` at its first step: the request resolved (InputError
+        before any model work if invalid, cached latents of the wrong shape included), its
+        text encoded, its starting latent and schedule made."""
+        req = self.resolve(request)
+        parts = self.parts
+        height, width = self.seen_size(req)
+        attention = None
+        if req.cache_latents is not None:
+            attention = CacheAttention(parts.dit, req.cache_latents, self.chai, height, width,
+                                       req.cfg_scale is not None)
+            attention.check(parts.vae.latent_shape(req.frames, req.height, req.width))
+        intra = make_intra_cache(req.intra_cache) if req.intra_cache is not None else None
+        t_start = time.perf_counter()
+        text = parts.text_encoder.encode([req.prompt]).to(self.device)
+        self._sync()
+        encode_ms = (time.perf_counter() - t_start) * 1000
+        if req.start_latent is not None:
+            z = req.start_latent.to(self.device, torch.float32)[None]
+        else:
+            z = self.initial_noise(req).float()
+        timesteps = self._timesteps(req, z.shape[2])
+        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, height, width)
+        return Run(req, text, guidance, z, timesteps, req.start_step - 1, attention, intra,
+                   timings=Timings(encode_ms=encode_ms))
+
+    @torch.inference_mode()
+    def step(self, runs: list[Run]) -> None:
+        """The next denoising step of every run in ``runs``, in one DiT call: each row at
+        its own timestep, with its own prompt. The runs must be :meth:`Run.batches_with`
+        each other (a run with Cache Attention or the intra cache steps alone); ValueError
+        otherwise. A run whose step is in its capture steps keeps its input latent first."""
+        if not runs:
+            return
+        if any(run.done for run in runs):
+            raise ValueError("a finished run has no next step")
+        first = runs[0]
+        if len(runs) > 1 and not all(first.batches_with(run) for run in runs[1:]):
+            raise ValueError("these runs cannot share a model call")
+        t0 = time.perf_counter()
+        for run in runs:
+            if run.step_number in run.request.capture_steps:
+                run.captured[run.step_number] = run.z[0].float().cpu().clone()
+        if len(runs) == 1:
+            z, guidance = first.z, first.guidance
+            step = first.step_number
+            branches = 1 if first.request.cfg_scale is None else 2
+            plan = (first.attention.plan(step, branches, self.device) if first.attention
+                    else None)
+            runner = first.intra.runner(step) if first.intra else None
+            v = guidance.velocity(z, first.t, plan, runner)
+        else:
+            z = torch.cat([run.z for run in runs])
+            text = TextEmbedding(torch.cat([run.text.states for run in runs]),
+                                 torch.cat([run.text.mask for run in runs]))
+            guidance = Guidance(self.parts.dit, text, first.request.cfg_scale,
+                                first.request.fps, first.guidance.height, first.guidance.width)
+            t = torch.tensor([run.t for run in runs], device=self.device)
+            v = guidance.velocity(z, t)
+        for row, run in enumerate(runs):
+            run.z = euler_step(run.z, v[row:row + 1], run.t, run.t_next)
+            run.index += 1
+        self._sync()
+        elapsed = (time.perf_counter() - t0) * 1000
+        for run in runs:
+            run.timings.denoise_ms += elapsed
+
+    @torch.inference_mode()
+    def finish(self, run: Run) -> GenerationResult:
+        """The result of a finished run: its latent decoded."""
+        if not run.done:
+            raise ValueError(f"the run is at step {run.step_number} of {len(run.timesteps)}")
+        t0 = time.perf_counter()
+        video = self._decode(run.z, run.request.frames)
+        timings = run.timings
+        timings.decode_ms = (time.perf_counter() - t0) * 1000
+        timings.total_ms = timings.encode_ms + timings.denoise_ms + timings.decode_ms
+        req = run.request
+        kind = (RunKind.FAST if run.attention else
+                RunKind.FULL if req.capture_steps else RunKind.PLAIN)
+        return GenerationResult(video, run.z[0].float().cpu(), req.steps, req.fps, timings,
+                                kind, run.captured, start_step=req.start_step,
+                                intra_skipped=tuple(run.intra.skipped) if run.intra else ())
+
     def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Several requests denoised together: at each iteration one DiT call runs the next
-        step of every request not yet done, each row at its own timestep, from its own
-        noise and prompt, capturing its own latents; a request of fewer steps leaves the
-        batch when it is done. The results are those of :meth:`generate` for each request
-        alone, to float rounding (a batched matmul sums in another order).
+        step of every request not yet done (:meth:`step`); a request of fewer steps leaves
+        the batch when it is done. The results are those of :meth:`generate` for each
+        request alone, to float rounding (a batched matmul sums in another order).
 
-        The requests must share what one forward shares: the latent shape, fps, size and
-        guidance scale; none may use Cache Attention, the intra cache or a start latent
-        (InputError otherwise, before any model work). Timings are the batch's.
+        The requests must batch with each other (:meth:`Run.batches_with`: the latent
+        shape, fps, size and guidance scale shared; no Cache Attention, intra cache or
+        start latent): InputError otherwise, before any denoising.
         """
-        if not requests:
-            return []
-        reqs = [self.resolve(r) for r in requests]
-        key = {(r.frames, r.height, r.width, r.fps, r.cfg_scale) for r in reqs}
-        if len(key) > 1:
-            raise InputError(f"requests batched together must share frames, size, fps and "
-                             f"guidance; got {sorted(key, key=str)}")
-        if any(r.cache_latents is not None or r.intra_cache is not None
-               or r.start_latent is not None or r.start_step != 1 for r in reqs):
-            raise InputError("a batched request cannot use Cache Attention, the intra cache "
-                             "or a start latent")
-        parts, first = self.parts, reqs[0]
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        t_start = time.perf_counter()
-        text = parts.text_encoder.encode([r.prompt for r in reqs]).to(self.device)
-        sync()
-        t_encoded = time.perf_counter()
-        z = torch.cat([self.initial_noise(r) for r in reqs]).float()
-        schedules = [self._timesteps(r, z.shape[2]) for r in reqs]
-        height, width = self.seen_size(first)
-        captured: list[dict[int, torch.Tensor]] = [{} for _ in reqs]
-        active: list[int] = []
-        for i in range(max(r.steps for r in reqs)):
-            rows = [b for b, r in enumerate(reqs) if i < r.steps]
-            for b in rows:
-                if i + 1 in reqs[b].capture_steps:
-                    captured[b][i + 1] = z[b].float().cpu().clone()
-            if rows != active:  # the batch's rows change only when a request is done
-                active = rows
-                index = torch.tensor(rows, device=self.device)
-                guidance = Guidance(parts.dit,
-                                    TextEmbedding(text.states[index], text.mask[index]),
-                                    first.cfg_scale, first.fps, height, width)
-            t = torch.tensor([schedules[b][i] for b in rows], device=self.device)
-            t_next = torch.tensor([schedules[b][i + 1] if i + 1 < reqs[b].steps else 0.0
-                                   for b in rows], device=self.device)
-            v = guidance.velocity(z[index], t)
-            z[index] = z[index] + v * ((t - t_next) / NUM_TIMESTEPS).view(-1, 1, 1, 1, 1)
-        sync()
-        t_denoised = time.perf_counter()
-        videos = [self._decode(z[b:b + 1], r.frames) for b, r in enumerate(reqs)]
-        t_end = time.perf_counter()
-        timings = Timings(encode_ms=(t_encoded - t_start) * 1000,
-                          denoise_ms=(t_denoised - t_encoded) * 1000,
-                          decode_ms=(t_end - t_denoised) * 1000,
-                          total_ms=(t_end - t_start) * 1000)
-        return [GenerationResult(videos[b], z[b].float().cpu(), r.steps, r.fps, timings,
-                                 RunKind.FULL if r.capture_steps else RunKind.PLAIN,
-                                 captured[b]) for b, r in enumerate(reqs)]
+        runs = [self.start(r) for r in requests]
+        if len(runs) > 1 and not all(runs[0].batches_with(r) for r in runs[1:]):
+            keys = sorted({r.batch_key for r in runs}, key=str)
+            raise InputError("requests batched together must share frames, size, fps and "
+                             "guidance, and cannot use Cache Attention, the intra cache or a "
+                             f"start latent; got {keys}")
+        while active := [r for r in runs if not r.done]:
+            self.step(active)
+        return [self.finish(r) for r in runs]
 
     @torch.inference_mode()
     def replay(self, request: GenerationRequest, latent: torch.Tensor) -> GenerationResult:
@@ -381,7 +473,6 @@ class Pipeline:
         return GenerationResult(video, latent.float().cpu(), 0, request.fps,
                                 Timings(decode_ms=total, total_ms=total), RunKind.REPLAY)
 
-    @torch.inference_mode()
     def generate(
         self, request: GenerationRequest, on_step: StepHook | None = None
     ) -> GenerationResult:
@@ -391,72 +482,16 @@ class Pipeline:
         stops the run and propagates (nothing is kept). Raises InputError for an invalid
         request (including cached latents of the wrong shape) before any model work.
         """
-        req = self.resolve(request)
-        parts = self.parts
-        latent_shape = parts.vae.latent_shape(req.frames, req.height, req.width)
-        attention = None
-        if req.cache_latents is not None:
-            attention = CacheAttention(
-                parts.dit,
-                req.cache_latents,
-                self.chai,
-                *self.seen_size(req),
-                req.cfg_scale is not None,
-            )
-            attention.check(latent_shape)
-        intra = make_intra_cache(req.intra_cache) if req.intra_cache is not None else None
-        captured: dict[int, torch.Tensor] = {}
-
-        def hook(step: int, t: float, z: torch.Tensor) -> None:
-            if step in req.capture_steps:
-                captured[step] = z[0].float().cpu().clone()
+        run = self.start(request)
+        while not run.done:
             if on_step is not None:
-                on_step(step, t, z)
+                on_step(run.step_number, run.t, run.z)
+            self.step([run])
+        result = self.finish(run)
+        log.debug("generated %r in %.0f ms (%d steps)", run.request.prompt,
+                  result.timings.total_ms, run.request.steps)
+        return result
 
-        def velocity(z: torch.Tensor, t: float, step: int) -> torch.Tensor:
-            branches = 1 if req.cfg_scale is None else 2
-            plan = (attention.plan(step, branches * z.shape[0], z.device) if attention
-                    else None)
-            return guidance.velocity(z, t, plan, intra.runner(step) if intra else None)
-
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        t_start = time.perf_counter()
-        # 1. text
-        text = parts.text_encoder.encode([req.prompt]).to(self.device)
-        sync()
-        t_encoded = time.perf_counter()
-        # 2. starting latent (noise, or a stored latent) and schedule
-        if req.start_latent is not None:
-            z_start = req.start_latent.to(self.device, torch.float32)[None]
-        else:
-            z_start = self.initial_noise(req)
-        timesteps = self._timesteps(req, z_start.shape[2])
-        # 3. denoise
-        height, width = self.seen_size(req)
-        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, height, width)
-        z = sample(velocity, z_start, timesteps, hook, start_step=req.start_step)
-        sync()
-        t_denoised = time.perf_counter()
-        # 4. decode
-        video_np = self._decode(z, req.frames)
-        t_end = time.perf_counter()
-        timings = Timings(
-            encode_ms=(t_encoded - t_start) * 1000,
-            denoise_ms=(t_denoised - t_encoded) * 1000,
-            decode_ms=(t_end - t_denoised) * 1000,
-            total_ms=(t_end - t_start) * 1000,
-        )
-        log.debug("generated %r in %.0f ms (%d steps)", req.prompt, timings.total_ms, req.steps)
-        run = (RunKind.FAST if attention else
-               RunKind.FULL if req.capture_steps else RunKind.PLAIN)
-        return GenerationResult(
-            video_np,
-            z[0].float().cpu(),
-            req.steps,
-            req.fps,
-            timings,
-            run,
-            captured,
-            start_step=req.start_step,
-            intra_skipped=tuple(intra.skipped) if intra else (),
-        )
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

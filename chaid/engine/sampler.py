@@ -178,35 +178,7 @@ class Guidance:
         return uncond + self.scale * (cond - uncond)
 
 
-def sample(
-    velocity: Callable[[torch.Tensor, float, int], torch.Tensor],
-    noise: torch.Tensor,
-    timesteps: list[float],
-    on_step: StepHook | None = None,
-    start_step: int = 1,
-) -> torch.Tensor:
-    """Euler-integrate from ``noise`` through ``timesteps`` to t = 0.
-
-    Args:
-        velocity: ``velocity(z, t, step)`` → v, step 1-based.
-        noise: z_{start_step}: the initial noise, or a latent of an earlier run at that step.
-        timesteps: descending t values, one per step (see :func:`schedule`).
-        on_step: called as on_step(k, t_k, z_k) before each model call; an exception it
-            raises (e.g. a cancellation) stops sampling and propagates.
-        start_step: the 1-based step to begin at; steps before it are not run (NIRVANA's
-            latent substitution). 1 runs the whole schedule.
-
-    Returns: the final latent (same shape as noise), fp32.
-    """
-    if not 1 <= start_step <= len(timesteps):
-        raise ValueError(f"start_step must be in 1..{len(timesteps)}, not {start_step}")
-    z = noise.float()
-    for i in range(start_step - 1, len(timesteps)):
-        t = timesteps[i]
-        step = i + 1
-        if on_step is not None:
-            on_step(step, t, z)
-        v = velocity(z, t, step)
-        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else 0.0
-        z = z + v * ((t - t_next) / NUM_TIMESTEPS)
-    return z
+def euler_step(z: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """One Euler step of the flow from timestep ``t`` to ``t_next`` (t_next = 0 after the
+    last of a schedule): z + v·(t - t_next)/1000."""
+    return z + v * ((t - t_next) / NUM_TIMESTEPS)

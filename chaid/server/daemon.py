@@ -91,7 +91,7 @@ class Daemon:
         self.notifier = notifier
         self.lookup_limiter = trio.CapacityLimiter(srv.lookup_threads)
         self.rate = RateLimiter(srv.rate_per_s, srv.rate_burst, trio.current_time)
-        self.worker = WorkerPool(engines, srv.queue_size, self.lookup_limiter)
+        self.worker = WorkerPool(engines, srv.queue_size, self.lookup_limiter, srv.max_batch)
         self.connections: set[Connection] = set()
         # Open connections by peer uid (entries removed at zero), for the per-user cap.
         self.user_connections: dict[int, int] = {}
@@ -363,7 +363,9 @@ class Daemon:
             "queue": {"size": self.worker.queue_size, "queued": self.worker.queued,
                       "clients": self._queue_depths(conn),
                       "running": _progress(next(iter(self.worker.running), None))},
-            "workers": [{"index": w.index, "device": w.device, "running": _progress(w.running)}
+            "workers": [{"index": w.index, "device": w.device, "max_batch": w.max_batch,
+                         "running": _progress(w.running),
+                         "batch": [_progress(job) for job in w.active]}
                         for w in self.worker.workers],
             "generations": {str(k): v for k, v in self.worker.counts.items()},
             "admission": self.admission.as_dict(),

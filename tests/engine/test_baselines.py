@@ -9,7 +9,6 @@ from modelkit import randomize_
 
 from chaid.engine.intra_cache import FirstBlockCache, IntraCacheSettings
 from chaid.engine.pipeline import GenerationRequest, Pipeline
-from chaid.engine.sampler import sample
 from chaid.errors import InputError
 from chaid.models import build_parts
 
@@ -120,8 +119,8 @@ def test_start_step_validation(pipeline):
                 PROMPT, steps=8, start_step=3, start_latent=good, cache_latents={2: good}
             )
         )
-    with pytest.raises(ValueError):
-        sample(lambda z, t, s: z, torch.zeros(1), [1000.0, 500.0], start_step=3)
+    with pytest.raises(InputError, match="start_step"):
+        pipeline.generate(GenerationRequest(PROMPT, steps=2, start_step=3, start_latent=good))
 
 
 

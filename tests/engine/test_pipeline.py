@@ -94,12 +94,29 @@ def test_guidance_scale_zero_is_the_null_caption_with_the_prompt_mask(pipeline):
     assert not torch.allclose(v0, all_tokens[:, :4], atol=1e-4)
 
 
-def test_step_hook_gets_every_step(pipeline):
-    steps = []
-    pipeline.generate(
-        GenerationRequest("a yellow disc", steps=5), on_step=lambda k, t, z: steps.append(k)
-    )
-    assert steps == [1, 2, 3, 4, 5]
+def test_step_hook_sees_each_step_its_t_and_latent_and_can_stop_the_run(pipeline):
+    req = pipeline.resolve(GenerationRequest("a yellow disc", steps=5, seed=3))
+    seen = []
+    result = pipeline.generate(req, on_step=lambda k, t, z: seen.append((k, t, z.clone())))
+    assert [k for k, _, _ in seen] == [1, 2, 3, 4, 5]
+    assert [t for _, t, _ in seen] == pipeline.start(req).timesteps
+    assert torch.equal(seen[0][2], pipeline.initial_noise(req))  # z_1 is the seed's noise
+    assert not torch.equal(seen[1][2], seen[0][2])
+    assert result.steps_run == 5
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def stop_at_3(k, t, z):
+        calls.append(k)
+        if k == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipeline.generate(req, on_step=stop_at_3)
+    assert calls == [1, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -149,4 +166,5 @@ def test_batched_requests_get_what_each_gets_alone():
     with pytest.raises(InputError, match="must share"):
         pipe.generate_batch([requests[1], GenerationRequest("x", frames=8, steps=8)])
     with pytest.raises(InputError, match="Cache Attention"):
-        pipe.generate_batch([dataclasses.replace(requests[1], cache_latents=alone[0].captured)])
+        pipe.generate_batch([requests[2], dataclasses.replace(requests[1],
+                                                              cache_latents=alone[0].captured)])

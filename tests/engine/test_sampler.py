@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from chaid.engine.sampler import (
-    NUM_TIMESTEPS,
-    sample,
+    euler_step,
     schedule,
     timestep_transform,
     transform_ratio,
@@ -45,49 +44,28 @@ def test_transform_identity_at_ratio_one():
     assert all(timestep_transform(t, 1.0) == pytest.approx(t) for t in schedule(8))
 
 
+def integrate(velocity, noise, timesteps):
+    z = noise
+    for i, t in enumerate(timesteps):
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else 0.0
+        z = euler_step(z, velocity(z, t), t, t_next)
+    return z
+
+
 def test_euler_integrates_to_zero():
     """Constant v: z_final = noise + v·(t_0 - 0)/1000 = noise + v, whatever the steps."""
     noise = torch.randn(1, 4, 2, 3, 3)
     v = torch.randn_like(noise)
     for steps in (1, 8, 30):
-        out = sample(lambda z, t, k: v, noise, schedule(steps, 2.0))
+        out = integrate(lambda z, t: v, noise, schedule(steps, 2.0))
         assert torch.allclose(out, noise + v, atol=1e-5)
 
 
 def test_euler_recovers_data_on_a_straight_path():
     """With the exact flow v = x0 - ε, Euler lands on x0 from x_1000 = ε."""
     x0, eps = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 4, 2, 3, 3)
-    out = sample(lambda z, t, k: x0 - eps, eps, schedule(7, 3.0))
+    out = integrate(lambda z, t: x0 - eps, eps, schedule(7, 3.0))
     assert torch.allclose(out, x0, atol=1e-5)
-
-
-def test_hook_sees_each_step_its_t_and_latent_and_can_stop_the_run():
-    ts = schedule(5, 1.5)
-    seen = []
-    sample(
-        lambda z, t, k: torch.ones_like(z),
-        torch.zeros(1, 1, 1, 1, 1),
-        ts,
-        on_step=lambda k, t, z: seen.append((k, t, z.item())),
-    )
-    assert [k for k, _, _ in seen] == [1, 2, 3, 4, 5]
-    assert [t for _, t, _ in seen] == ts
-    # z_1 is the noise; z_k has moved by (1000 - t_k)/1000 with v = 1
-    assert [z for _, _, z in seen] == pytest.approx(
-        [(NUM_TIMESTEPS - t) / NUM_TIMESTEPS for t in ts]
-    )
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(k, t, z):
-        if k == 3:
-            raise Stop
-
-    calls = []
-    with pytest.raises(Stop):
-        sample(lambda z, t, k: calls.append(k) or torch.ones_like(z), torch.zeros(1), ts, stop_at_3)
-    assert calls == [1, 2]
 
 
 def test_schedule_rejects_zero_steps():

@@ -54,3 +54,47 @@ def test_two_cpu_workers_run_side_by_side_and_share_the_store(tmp_path):
             assert c.stats()["generations"]["miss"] == 1
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_batching_worker_runs_concurrent_clients_in_one_batch(tmp_path):
+    # server.max_batch = 3: three clients' jobs share the worker's model calls, and each
+    # gets the video it gets alone (LocalChai, in this process, one request at a time).
+    from chaid.local import LocalChai
+
+    daemon = Daemon(tmp_path / "d", config="[server]\nmax_batch = 3\n").start()
+    videos: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def one(n: int) -> None:
+        try:
+            with Client(daemon.socket) as c:
+                videos[n] = c.generate(f"a red circle number {n}", cache="off", seed=n,
+                                       steps=120, format="frames").video
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    try:
+        with Client(daemon.socket) as c:
+            assert c.stats()["workers"][0]["max_batch"] == 3
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        widest = 0
+        with Client(daemon.socket) as c:
+            while any(t.is_alive() for t in threads):
+                widest = max(widest, len(c.stats()["workers"][0]["batch"]))
+                time.sleep(0.02)
+        for t in threads:
+            t.join(60)
+        assert not errors and len(videos) == 3
+        assert widest >= 2, "the jobs never ran in one batch"
+        with Client(daemon.socket) as c:
+            assert c.stats()["generations"]["off"] == 3
+    finally:
+        assert daemon.stop() == 0
+    with LocalChai(model="tiny-test", device="cpu") as chai:
+        for n, video in videos.items():
+            ref = chai.generate(f"a red circle number {n}", seed=n, steps=120).video
+            diff = abs(video.astype(int) - ref.astype(int))
+            # a batched matmul sums in another order: a pixel may round the other way
+            assert diff.max() <= 1 and diff.mean() < 0.01
