@@ -44,7 +44,7 @@ product-check:
 # the step-batching curve of tiny-shapes on the GPU (whether workers should batch there).
 gpu-check: setup
 	$(PIP) install --quiet --quiet -e ".[$$($(PY) -c "import torch; print('gpu-cuda13' if (torch.version.cuda or '').startswith('13') else 'gpu')")]"
-	$(PY) -m pytest -q -rs -m gpu tests/kernels tests/models
+	$(PY) -m pytest -q -rs -m gpu tests/kernels tests/models tests/engine
 	$(PY) -m chaid_lab.bench.kernel
 	$(PY) -m chaid_lab.gpu_check
 	$(VENV)/bin/chaid-lab bench batches --device cuda --batches 1,2,4,8,16

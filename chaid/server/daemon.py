@@ -3,7 +3,8 @@
 Start: settings → store (consistency check and index rebuild happen as it opens) → models
 → listeners (adopted from systemd or bound) → ``READY=1``. Serve: one accept loop per
 listener, one :class:`~chaid.server.connection.Connection` per client, one device worker
-per device (chaid/engine/worker.py; `server.devices`, `server.cpu_workers`).
+per device, each running one job at a time or a batch (chaid/engine/worker.py;
+`server.devices`, `server.cpu_workers`, `server.max_batch`).
 Stop (SIGTERM or SIGINT): ``STOPPING=1``, close the listeners, answer new requests with
 ``shutting_down``, give in-flight requests ``server.grace_period_s`` to finish and their
 answers to be sent, cancel the rest (each gets a ``shutting_down`` error), close

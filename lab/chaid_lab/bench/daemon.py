@@ -48,6 +48,9 @@ def register_bench_daemon(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", default="1",
                    help="CPU workers of the daemon (server.cpu_workers), a comma list: every "
                         "client level runs with each (default 1)")
+    p.add_argument("--max-batch", default="1",
+                   help="jobs a worker batches (server.max_batch), a comma list: every client "
+                        "and worker level runs with each (default 1: no batching)")
     p.add_argument("--warm", type=int, default=20, help="unmeasured warm-up prompts (20)")
     p.add_argument("--serve", type=int, default=96, help="measured prompts per level (96)")
     p.add_argument("--seed", type=int, default=0, help="stream seed (default 0)")
@@ -189,9 +192,9 @@ def in_process(model: str, warm: list[str], serve: list[str], workdir: Path) -> 
 
 
 def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
-                   workdir: Path, workers: int = 1) -> dict:
-    """A fresh daemon with ``workers`` CPU workers, warmed, then ``serve`` from ``clients``
-    concurrent connections."""
+                   workdir: Path, workers: int = 1, max_batch: int = 1) -> dict:
+    """A fresh daemon with ``workers`` CPU workers batching up to ``max_batch`` jobs each,
+    warmed, then ``serve`` from ``clients`` concurrent connections."""
     from chai_client import BusyError, Client
     from chaid_lab.demo import start_daemon, wait_ready
 
@@ -199,6 +202,7 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
     # Exact repeats off: the in-process reference replays nothing, so neither does this.
     proc, sock, log_path = start_daemon(workdir, model,
                                         {"CHAID_SERVER_CPU_WORKERS": str(workers),
+                                         "CHAID_SERVER_MAX_BATCH": str(max_batch),
                                          "CHAID_STORE_REPEAT_BYTES": "0"})
     try:
         wait_ready(proc, sock, log_path)
@@ -272,7 +276,8 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
         proc.wait(120)
     from chaid_lab.bench.rpc import percentile
 
-    return {**_level(clients, wall, results), "workers": workers, "busy_retries": busy[0],
+    return {**_level(clients, wall, results), "workers": workers, "max_batch": max_batch,
+            "busy_retries": busy[0],
             "ping_ms": {"count": len(pings),
                         "p50": round(percentile(pings, 0.5), 2) if pings else None,
                         "p99": round(percentile(pings, 0.99), 2) if pings else None},
@@ -282,7 +287,8 @@ def through_daemon(model: str, clients: int, warm: list[str], serve: list[str],
 
 def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: int,
                      serve_n: int, seed: int = 0, workers: tuple[int, ...] = (1,),
-                     batches: tuple[int, ...] = DEFAULT_BATCHES) -> dict:
+                     batches: tuple[int, ...] = DEFAULT_BATCHES,
+                     max_batches: tuple[int, ...] = (1,)) -> dict:
     """The batch curve, then the Shapes stream in process and through a fresh daemon per
     client level."""
     from chaid_lab.bench.quality import shapes_stream
@@ -299,14 +305,16 @@ def run_daemon_bench(model: str, levels: list[int] | tuple[int, ...], warm_n: in
         ref = in_process(model, warm, serve, Path(tmp))
         report["in_process"] = ref
         for w in workers:
-            for n in levels:
-                print(f"daemon, {w} worker(s), {n} client(s)", file=sys.stderr, flush=True)
-                level = through_daemon(model, n, warm, serve, Path(tmp) / f"daemon-{w}-{n}",
-                                       workers=w)
-                level["throughput_vs_in_process"] = round(
-                    level["throughput_rps"] / ref["throughput_rps"], 3
-                )
-                report["levels"].append(level)
+            for mb in max_batches:
+                for n in levels:
+                    print(f"daemon, {w} worker(s) batching {mb}, {n} client(s)",
+                          file=sys.stderr, flush=True)
+                    level = through_daemon(model, n, warm, serve,
+                                           Path(tmp) / f"daemon-{w}-{mb}-{n}", workers=w,
+                                           max_batch=mb)
+                    level["throughput_vs_in_process"] = round(
+                        level["throughput_rps"] / ref["throughput_rps"], 3)
+                    report["levels"].append(level)
     return report
 
 
@@ -320,8 +328,9 @@ def _cmd_bench_daemon(args: argparse.Namespace) -> int:
         raise ChaidError("--warm must be >= 0 and --serve >= 1")
     workers = tuple(sorted(set(int_list("--workers", args.workers, 1, 64))))
     batches = tuple(sorted(set(int_list("--batches", args.batches, 1, 64, empty=True))))
+    max_batches = tuple(sorted(set(int_list("--max-batch", args.max_batch, 1, 64))))
     report = run_daemon_bench(args.model, levels, warm_n, serve_n, args.seed, workers,
-                              batches)
+                              batches, max_batches)
     print(format_table(report))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -340,18 +349,18 @@ def format_table(report: dict) -> str:
     if "in_process" not in report:
         return "\n".join(lines)
     lines += [
-        f"{'workers':>8}{'clients':>10}{'wall s':>9}{'req/s':>8}{'vs in-proc':>11}{'p50 ms':>9}"
+        f"{'workers':>8}{'batch':>6}{'clients':>10}{'wall s':>9}{'req/s':>8}{'vs in-proc':>11}{'p50 ms':>9}"
         f"{'p99 ms':>9}{'hit rate':>9}{'busy':>6}{'ping p99':>10}{'slowest':>9}"
     ]
     ref = report["in_process"]
     lines.append(
-        f"{'':>8}{'in-proc':>10}{ref['wall_s']:>9.1f}{ref['throughput_rps']:>8.2f}{1.0:>11.2f}"
+        f"{'':>8}{'':>6}{'in-proc':>10}{ref['wall_s']:>9.1f}{ref['throughput_rps']:>8.2f}{1.0:>11.2f}"
         f"{ref['latency_ms']['p50']:>9.0f}{ref['latency_ms']['p99']:>9.0f}"
         f"{ref['hit_rate']:>9.2f}{'':>6}"
     )
     for lv in report["levels"]:
         lines.append(
-            f"{lv.get('workers', 1):>8}{lv['clients']:>10}{lv['wall_s']:>9.1f}{lv['throughput_rps']:>8.2f}"
+            f"{lv.get('workers', 1):>8}{lv.get('max_batch', 1):>6}{lv['clients']:>10}{lv['wall_s']:>9.1f}{lv['throughput_rps']:>8.2f}"
             f"{lv['throughput_vs_in_process']:>11.2f}{lv['latency_ms']['p50']:>9.0f}"
             f"{lv['latency_ms']['p99']:>9.0f}{lv['hit_rate']:>9.2f}{lv['busy_retries']:>6}"
             f"{lv['ping_ms']['p99'] or 0:>10.1f}{lv['slowest_share']:>9.2f}"
