@@ -64,6 +64,12 @@ class SamplerSettings:
     # Classifier-free guidance scale: higher follows the prompt harder at the cost of variety.
     # Unset: the model's own (7.0 for OpenSora 1.2, tuned per preset; `chaid models list`).
     cfg_scale: float | None = None
+    # Temporal guidance (chaid/engine/sampler.py, Guidance): each step is also pushed away
+    # from what the model draws with its temporal attention off, by this much. 0 turns it
+    # off; it costs one more model row per request and step (1.5x a guided step). On
+    # tiny-shapes 1.0 stops objects changing shape mid-clip (docs/shapes.md, "Visible
+    # defects").
+    temporal_guidance: float = 0.0
 
 
 CACHE_ATTENTION_CHOICES = ("auto", "on", "off")
@@ -227,6 +233,8 @@ class Settings:
         check_choice("model.dtype", self.model.dtype, sorted(DTYPE_NAMES), ConfigError)
         check_choice("model.numerics", self.model.numerics, NUMERICS_CHOICES, ConfigError)
         check_int("sampler.steps", self.sampler.steps, 1, MAX_STEPS, ConfigError)
+        check_number("sampler.temporal_guidance", self.sampler.temporal_guidance, 0.0,
+                     MAX_CFG_SCALE, error=ConfigError)
         if self.sampler.cfg_scale is not None:
             check_number("sampler.cfg_scale", self.sampler.cfg_scale, 0.0, MAX_CFG_SCALE,
                          error=ConfigError)

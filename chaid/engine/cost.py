@@ -10,8 +10,8 @@ exceeds a ceiling before any work is done.
   and token, the linear layers of self-attention, cross-attention and the MLP
   (``(12 + 4r) C²`` with MLP ratio ``r``), spatial and temporal attention (``2C(S + T)``
   for ``S`` tokens per frame and ``T`` frames) and cross-attention over the caption; the
-  caption's keys and values once per sample. Guidance doubles the batch. The VAE decode
-  is counted in pixels.
+  caption's keys and values once per sample. Guidance doubles the batch, temporal guidance
+  adds a third row. The VAE decode is counted in pixels.
 - **Speed.** :meth:`CostModel.calibrate` times a forward and a decode of the model's
   default request and of one with twice the sides on the serving device (after warm-up
   calls) and fits each to a call's fixed overhead plus a throughput (FLOPs per second,
@@ -114,7 +114,8 @@ class CostModel:
         t, h, w = parts.dit.token_grid(latent)
         s = h * w
         tokens = t * s
-        batch = 1 if request.cfg_scale is None else 2
+        batch = ((1 if request.cfg_scale is None else 2)
+                 + (1 if self.pipeline.temporal_guidance else 0))
         c, r, length = cfg.hidden_size, cfg.mlp_ratio, cfg.model_max_length
         per_token = (12 + 4 * r) * c * c + 2 * c * (s + t) + 4 * length * c
         macs = cfg.depth * (tokens * per_token + 4 * length * c * c)
@@ -154,7 +155,8 @@ class CostModel:
         parts = pipe.parts
         z = pipe.initial_noise(req)
         text = parts.text_encoder.encode([req.prompt]).to(pipe.device)
-        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, req.height, req.width)
+        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, req.height, req.width,
+                            pipe.temporal_guidance)
         sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
 
         def timed(fn: Callable[[], object]) -> float:

@@ -205,11 +205,14 @@ def resolve_device(name: str) -> torch.device:
 
 class Pipeline:
     def __init__(
-        self, parts: ModelParts, device: torch.device, chai: ChaiSettings | None = None
+        self, parts: ModelParts, device: torch.device, chai: ChaiSettings | None = None,
+        temporal_guidance: float = 0.0,
     ) -> None:
         self.parts = parts
         self.device = device
         self.chai = chai or ChaiSettings()
+        # sampler.temporal_guidance: the temporal guidance scale of every run (0: off)
+        self.temporal_guidance = temporal_guidance
 
     @property
     def hit_attends(self) -> bool:
@@ -228,7 +231,7 @@ class Pipeline:
             text_after_encode=settings.model.text_after_encode,
             numerics=settings.model.numerics,
         )
-        return cls(parts, device, settings.chai)
+        return cls(parts, device, settings.chai, settings.sampler.temporal_guidance)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Fill defaults from the preset and validate every field against the ceilings of
@@ -381,7 +384,7 @@ class Pipeline:
         else:
             z = self.initial_noise(req).float()
         timesteps = self._timesteps(req, z.shape[2])
-        guidance = Guidance(parts.dit, text, req.cfg_scale, req.fps, height, width)
+        guidance = self._guidance(text, req, height, width)
         return Run(req, text, guidance, z, timesteps, req.start_step - 1, attention, intra,
                    timings=Timings(encode_ms=encode_ms))
 
@@ -405,6 +408,8 @@ class Pipeline:
         if len(runs) == 1:
             z, guidance = first.z, first.guidance
             step = first.step_number
+            # a Cache Attention plan covers the guidance branches (temporal guidance is
+            # left out of the steps that carry one: Guidance)
             branches = 1 if first.request.cfg_scale is None else 2
             plan = (first.attention.plan(step, branches, self.device) if first.attention
                     else None)
@@ -414,8 +419,8 @@ class Pipeline:
             z = torch.cat([run.z for run in runs])
             text = TextEmbedding(torch.cat([run.text.states for run in runs]),
                                  torch.cat([run.text.mask for run in runs]))
-            guidance = Guidance(self.parts.dit, text, first.request.cfg_scale,
-                                first.request.fps, first.guidance.height, first.guidance.width)
+            guidance = self._guidance(text, first.request, first.guidance.height,
+                                      first.guidance.width)
             t = torch.tensor([run.t for run in runs], device=self.device)
             v = guidance.velocity(z, t)
         for row, run in enumerate(runs):
@@ -491,6 +496,11 @@ class Pipeline:
         log.debug("generated %r in %.0f ms (%d steps)", run.request.prompt,
                   result.timings.total_ms, run.request.steps)
         return result
+
+    def _guidance(self, text: TextEmbedding, req: GenerationRequest, height: float,
+                  width: float) -> Guidance:
+        return Guidance(self.parts.dit, text, req.cfg_scale, req.fps, height, width,
+                        self.temporal_guidance)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

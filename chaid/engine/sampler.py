@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chaid.models.stdit3 import BlockAttnPlan, BlockRunner, STDiT3
+from chaid.models.stdit3 import BlockAttnPlan, BlockRunner, STDiT3, STDiT3Block, self_attention
 from chaid.models.text import TextEmbedding
 from chaid.numerics import Numerics
 
@@ -115,11 +115,20 @@ def schedule(num_steps: int, ratio: float | None = None) -> list[float]:
 
 @dataclass
 class Guidance:
-    """Classifier-free guidance around one DiT call per step.
+    """Classifier-free guidance, and optionally temporal guidance, around one DiT call per
+    step.
 
     The batch is [conditional; unconditional]; the unconditional branch uses the DiT's
     learned null caption with the conditional prompt's mask. ``scale=None`` runs the
     conditional branch alone (no guidance).
+
+    Temporal guidance (``temporal_scale`` > 0; spatiotemporal skip guidance, Hyung et al.
+    2024) adds a third branch: the conditional prompt again, with the temporal
+    self-attention of every block made the identity (each frame attends to itself
+    only), so that branch draws what the model draws without looking across frames;
+    v += temporal_scale · (v_cond − v_skip) pushes each step away from it. It costs one
+    more row per request in the same call. A step whose call carries an attention plan
+    (Cache Attention) runs without it: that plan is laid out for two branches.
     """
 
     dit: STDiT3
@@ -128,6 +137,7 @@ class Guidance:
     fps: float
     height: int
     width: int
+    temporal_scale: float = 0.0
 
     def __post_init__(self) -> None:
         b = self.text.states.shape[0]
@@ -139,6 +149,14 @@ class Guidance:
             null = self.dit.null_caption(b).to(states.device, dtype)
             self._y = torch.cat([states, null], dim=0)
             self._mask = torch.cat([self.text.mask, self.text.mask], dim=0)
+        if self.temporal_scale:
+            self._y_skip = torch.cat([self._y, states], dim=0)
+            self._mask_skip = torch.cat([self._mask, self.text.mask], dim=0)
+
+    @property
+    def branches(self) -> int:
+        """Rows of the model batch per request (without an attention plan)."""
+        return (1 if self.scale is None else 2) + (1 if self.temporal_scale else 0)
 
     def velocity(
         self,
@@ -151,10 +169,13 @@ class Guidance:
 
         ``t`` is one timestep for every row, or one per row (B,) (several requests batched,
         each at its own step). ``attn_plan`` and ``block_runner`` are passed to the DiT
-        unchanged (both branches of the guidance batch go through one call, so one runner
-        decision covers both).
+        unchanged (every branch of the batch goes through one call, so one runner decision
+        covers them all).
         """
-        branches = 1 if self.scale is None else 2
+        guided = 1 if self.scale is None else 2
+        skip = bool(self.temporal_scale) and attn_plan is None
+        branches = guided + (1 if skip else 0)
+        y, mask = (self._y_skip, self._mask_skip) if skip else (self._y, self._mask)
         z_in = torch.cat([z] * branches, dim=0) if branches > 1 else z
         if isinstance(t, torch.Tensor):
             t_in = t.to(device=z.device, dtype=torch.float32).repeat(branches)
@@ -163,19 +184,45 @@ class Guidance:
         out = self.dit(
             z_in,
             t_in,
-            self._y,
-            self._mask,
+            y,
+            mask,
             fps=self.fps,
             height=self.height,
             width=self.width,
-            attn_plan=attn_plan,
+            attn_plan=_skip_temporal_plan(guided, branches) if skip else attn_plan,
             block_runner=block_runner,
         )
         v = out[:, : z.shape[1]]  # the variance channels are unused at inference
+        rows = v.split(z.shape[0], dim=0)
+        cond = rows[0]
         if self.scale is None:
-            return v
-        cond, uncond = v.chunk(2, dim=0)
-        return uncond + self.scale * (cond - uncond)
+            guided_v = cond
+        else:
+            uncond = rows[1]
+            guided_v = uncond + self.scale * (cond - uncond)
+        if skip:
+            guided_v = guided_v + self.temporal_scale * (cond - rows[-1])
+        return guided_v
+
+
+def _skip_temporal_plan(kept: int, branches: int) -> BlockAttnPlan:
+    """An attention plan under which the last of ``branches`` equal row groups attends
+    across frames to itself only (the identity) in every temporal block; the first
+    ``kept`` groups attend as usual."""
+
+    def attend(block: STDiT3Block, h: torch.Tensor, prepare) -> torch.Tensor:
+        # temporal layout: (batch*S, T, C), the batch's rows in order, so a group's rows
+        # are contiguous
+        start = h.shape[0] * kept // branches
+        q, k, v = block.attn.project_qkv(h[:start])
+        own = block.attn.qkv(h[start:]).chunk(3, dim=-1)[2]  # the values, unrotated
+        return torch.cat([block.attn.project_out(self_attention(q, k, v)),
+                          block.attn.proj(own)])
+
+    def plan(kind: str, index: int):
+        return attend if kind == "temporal" else None
+
+    return plan
 
 
 def euler_step(z: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:

@@ -113,6 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)"
     )
+    ev.add_argument("--temporal-guidance", type=float, default=0.0,
+                    help="temporal guidance scale (sampler.temporal_guidance; default 0: off)")
     ev.add_argument("--model", default="tiny-shapes", help="model preset (default: tiny-shapes)")
     ev.add_argument("--weights", type=Path, help="DiT weights (default: the preset's)")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -141,6 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     defects.add_argument(
         "--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)"
     )
+    defects.add_argument("--temporal-guidance", type=float, default=0.0,
+                         help="temporal guidance scale (sampler.temporal_guidance; default 0:"
+                              " off)")
     defects.add_argument("--checks", default="jump,extra_object,shape_change",
                          help="which checks (default: all three)")
     defects.add_argument("--model", default="tiny-shapes",
@@ -240,7 +245,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     items = suite.evaluation_suite()[:: args.stride][: args.limit]
     chosen = {item.index for item in items}
     keep = [i for i in sheet_items if i in chosen] if args.sheet else []
-    pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"))
+    pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"),
+                        temporal_guidance=args.temporal_guidance)
     scale = MODEL_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     report = suite.evaluate_steps(pipeline, items, steps, keep_videos=keep, cfg_scale=scale)
     report["model"] = args.model
@@ -279,7 +285,8 @@ def _cmd_defects(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     logging.getLogger("chaid_lab.shapes").setLevel(logging.INFO)
-    pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"))
+    pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"),
+                        temporal_guidance=args.temporal_guidance)
     report = defects.run(pipeline, args.seeds, args.steps, args.cfg_scale, checks)
     report["model"] = args.model
     if args.weights is not None:
