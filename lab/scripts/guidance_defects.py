@@ -1,0 +1,87 @@
+"""The visible defects of tiny-shapes under guidance rules the product does not offer.
+
+docs/shapes.md ("What sampling can and cannot do") records what these gave; the rules the
+product does offer (classifier-free and temporal guidance, steps) run through
+``chaid-lab shapes defects`` instead. Two rules, on top of the preset's classifier-free
+guidance, at 30 steps, over the defect checks' prompts and 10 seeds:
+
+* ``--temporal S --blocks 0,1``: temporal guidance with the identity in only some temporal
+  blocks (the product's ``sampler.temporal_guidance`` uses every block);
+* ``--autoguide L --weak FILE``: autoguidance, v += L·(v_cond − v_weak,cond), where the
+  weak model is an earlier checkpoint of the same DiT (e.g. the stage-2 weights from the
+  repository's history: ``git show 32a82f2:chaid/shapes/weights/dit.safetensors``).
+
+    python lab/scripts/guidance_defects.py --temporal 1 --blocks 0,1 --json out/g.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from chaid.engine.pipeline import GenerationRequest, Pipeline
+from chaid.engine.sampler import Guidance, euler_step
+from chaid.models import build_parts
+from chaid_lab.shapes import defects
+from chaid_lab.shapes.judge import load_judge
+
+
+def identity_in_time(blocks: set[int]):
+    def attend(block, h, prepare):
+        _, _, v = block.attn.project_qkv(h)
+        return block.attn.project_out(v)
+
+    return lambda kind, index: attend if kind == "temporal" and index in blocks else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--temporal", type=float, default=0.0, help="temporal guidance scale")
+    ap.add_argument("--blocks", default="0,1,2,3", help="temporal blocks made the identity")
+    ap.add_argument("--autoguide", type=float, default=0.0, help="autoguidance scale")
+    ap.add_argument("--weak", type=Path, help="the weak DiT's weights (autoguidance)")
+    ap.add_argument("--seeds", type=int, default=defects.DEFAULT_SEEDS)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pipe = Pipeline(build_parts("tiny-shapes"), torch.device("cpu"))
+    weak = build_parts("tiny-shapes", args.weak).dit if args.autoguide else None
+    plan = identity_in_time({int(b) for b in args.blocks.split(",")})
+    judge = load_judge()
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    t0 = time.perf_counter()
+    for check, prompts in defects.PROMPTS.items():
+        flags = []
+        for prompt in prompts:
+            for seed in range(args.seeds):
+                run = pipe.start(GenerationRequest(prompt, seed=seed, steps=30))
+                size = (run.request.fps, run.guidance.height, run.guidance.width)
+                cond = Guidance(pipe.parts.dit, run.text, None, *size)
+                weak_cond = Guidance(weak, run.text, None, *size) if weak else None
+                with torch.inference_mode():
+                    while not run.done:
+                        v = run.guidance.velocity(run.z, run.t)
+                        if args.temporal:
+                            v = v + args.temporal * (cond.velocity(run.z, run.t)
+                                                     - cond.velocity(run.z, run.t, plan))
+                        if weak_cond is not None:
+                            v = v + args.autoguide * (cond.velocity(run.z, run.t)
+                                                      - weak_cond.velocity(run.z, run.t))
+                        run.z = euler_step(run.z, v, run.t, run.t_next)
+                        run.index += 1
+                video = pipe.finish(run).video
+                flags.append(defects.flagged(check, defects.measure(video, prompt, judge)))
+        report[check] = {"rate": sum(flags) / len(flags),
+                         "per_prompt": [sum(flags[i * args.seeds:(i + 1) * args.seeds])
+                                        for i in range(len(prompts))]}
+        print(check, report[check], f"{time.perf_counter() - t0:.0f} s", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
