@@ -19,7 +19,7 @@ from chaid.server.peercred import (
     RateLimiter,
     peer_credentials,
 )
-from chaid.server.sdnotify import Notifier
+from chaid.server.sdnotify import Notifier, extend_start_while
 
 
 def test_notify_never_blocks_on_a_full_queue(tmp_path):
@@ -36,6 +36,39 @@ def test_notify_never_blocks_on_a_full_queue(tmp_path):
     assert not Notifier({}).enabled
     assert Notifier({"NOTIFY_SOCKET": "@abstract"}).address == "\0abstract"
     assert Notifier({"WATCHDOG_USEC": "5", "WATCHDOG_PID": "1"}).watchdog_s is None
+
+
+def test_the_start_timeout_is_extended_while_loading_lasts_and_no_longer(tmp_path):
+    path = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+
+    def received() -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(listener.recv(100))
+            except BlockingIOError:
+                return out
+
+    # a load that outlasts the cap: a request every 20 s, the last one for what is left
+    trio.run(extend_start_while, notifier, 60.0, 200.0,
+             clock=trio.testing.MockClock(autojump_threshold=0))
+    got = received()
+    assert got[0] == b"EXTEND_TIMEOUT_USEC=60000000" and len(got) == 10
+    assert got[-1] == b"EXTEND_TIMEOUT_USEC=20000000"
+
+    # a load done after 30 s: the requests stop with it
+    async def load_for_30_s() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(extend_start_while, notifier, 60.0, 200.0)
+            await trio.sleep(30)
+            nursery.cancel_scope.cancel()
+
+    trio.run(load_for_30_s, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(received()) == 2
 
 
 def _peer(uid: int, *groups: int) -> PeerCredentials:

@@ -43,7 +43,7 @@ from chaid.server.listeners import (
 )
 from chaid.server.logs import fields
 from chaid.server.peercred import AccessPolicy, PeerCredentials, RateLimiter, peer_credentials
-from chaid.server.sdnotify import Notifier
+from chaid.server.sdnotify import Notifier, extend_start_while
 from chaid.server.stats import ServerStats
 from chaid.store.errors import StoreError
 
@@ -540,12 +540,16 @@ async def serve(settings: Settings) -> int:
         cost: CostModel | None = None
         with trio.CancelScope() as loading:
             root.start_soon(_cancel_on, shutdown, loading)
-            engines = await trio.to_thread.run_sync(ChaiEngine.load_workers, settings,
-                                                    abandon_on_cancel=True)
-            # What a request costs on a worker's device, for admission (a second or two).
-            notifier.status("timing the model on the device")
-            cost = CostModel(engines[0].pipeline)
-            await trio.to_thread.run_sync(cost.calibrate, abandon_on_cancel=True)
+            async with trio.open_nursery() as extending:
+                extending.start_soon(extend_start_while, notifier)
+                engines = await trio.to_thread.run_sync(ChaiEngine.load_workers, settings,
+                                                        abandon_on_cancel=True)
+                # What a request costs on a worker's device, for admission (a second or
+                # two).
+                notifier.status("timing the model on the device")
+                cost = CostModel(engines[0].pipeline)
+                await trio.to_thread.run_sync(cost.calibrate, abandon_on_cancel=True)
+                extending.cancel_scope.cancel()
         if not engines or cost is None or cost.calibration is None:
             log.info("stopped while starting")
             root.cancel_scope.cancel()

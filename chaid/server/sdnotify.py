@@ -10,6 +10,8 @@ import logging
 import os
 import socket
 
+import trio
+
 log = logging.getLogger(__name__)
 
 
@@ -64,3 +66,29 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for ``seconds`` more before the current state (starting, stopping) times
+        out; another request must follow within them (systemd 236 and later; older ones
+        ignore it)."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+
+# While the daemon starts, it asks the service manager for this much more time, a third
+# of it before the last request runs out, for as long as loading goes on, up to
+# START_EXTEND_MAX_S in all: opening a large store can outlast the unit's
+# TimeoutStartSec (re-embedding 1M entries and rebuilding their index takes minutes), and
+# a load that is stuck still ends.
+START_EXTEND_STEP_S = 60.0
+START_EXTEND_MAX_S = 3600.0
+
+
+async def extend_start_while(notifier: Notifier, step_s: float = START_EXTEND_STEP_S,
+                             max_s: float = START_EXTEND_MAX_S) -> None:
+    """Keep extending the start timeout (cancel the task when loading is done)."""
+    if not notifier.enabled:
+        return
+    start = trio.current_time()
+    while (elapsed := trio.current_time() - start) < max_s:
+        notifier.extend_timeout(min(step_s, max_s - elapsed))
+        await trio.sleep(step_s / 3)

@@ -82,6 +82,8 @@ def test_sigterm_drains_then_restart_keeps_the_cache(tmp_path):
         time.sleep(0.3)
         lines = notify.lines()
         assert "READY=1" in lines and "WATCHDOG=1" in lines, lines
+        # loading asked for more start time (a large store can outlast TimeoutStartSec)
+        assert any(x.startswith("EXTEND_TIMEOUT_USEC=") for x in lines), lines
         persistent = Client(daemon.socket)  # kept open across the restart below
         miss = persistent.generate(RED)
         assert miss.cache == "miss"
