@@ -57,46 +57,68 @@ class CacheAttention:
                 f"cache_blocks {list(self.settings.cache_blocks)} exceed the model's {depth} blocks"
             )
 
-    def plan(self, step: int, batch: int, device: torch.device) -> BlockAttnPlan | None:
-        """The attention plan for 1-based ``step`` and a model batch of ``batch``, or None."""
+    def tokens(self, step: int, device: torch.device) -> torch.Tensor | None:
+        """The cached z_step through the model's patch and position embedding, (1, T*S, C),
+        or None when ``step`` is not a cache step."""
         if step not in self.settings.cache_steps:
             return None
-        dtype = self.dit.dtype
-        cached = self.latents[step].to(device=device, dtype=dtype)[None]
+        cached = self.latents[step].to(device=device, dtype=self.dit.dtype)[None]
         with torch.no_grad():
-            tokens = self.dit.embed_tokens(cached, self.height, self.width)  # (1, T*S, C)
-        tokens = tokens.expand(batch, -1, -1)
-        attn_fn = self._attn_fn(tokens)
-        blocks = set(self.settings.cache_blocks)
+            return self.dit.embed_tokens(cached, self.height, self.width)
 
-        def plan(kind: str, index: int) -> SelfAttnOverride | None:
-            return attn_fn if kind == "spatial" and index in blocks else None
+    def plan(self, step: int, branches: int, device: torch.device) -> BlockAttnPlan | None:
+        """The attention plan of this request alone at 1-based ``step``, its model batch
+        being its ``branches`` guidance rows; None when ``step`` uses no cache."""
+        return batch_plan([self], [step], branches, device)
 
-        return plan
 
-    def _attn_fn(self, cache_tokens: torch.Tensor) -> SelfAttnOverride:
-        settings = self.settings
-        cond_only = settings.branches == "cond" and self.guided
+def batch_plan(attentions: list[CacheAttention | None], steps: list[int], branches: int,
+               device: torch.device) -> BlockAttnPlan | None:
+    """The attention plan of one model call over several requests: request ``i`` (rows
+    ``i`` of each of the ``branches`` guidance branches, [cond rows; uncond rows]) runs
+    Cache Attention at its step ``steps[i]`` when ``attentions[i]`` has a latent for it,
+    and plain self-attention otherwise. The requests share the settings, the video size
+    and the guidance (one call); None when no request attends to a cache at its step."""
+    batch = len(attentions)
+    tokens = [a.tokens(k, device) if a is not None else None
+              for a, k in zip(attentions, steps, strict=True)]
+    if all(t is None for t in tokens):
+        return None
+    first = next(a for a, t in zip(attentions, tokens, strict=True) if t is not None)
+    settings = first.settings
+    filler = next(t for t in tokens if t is not None)
+    # one row of cache tokens per model row (unused rows get any request's: they are
+    # computed, then ignored)
+    cache = torch.cat([t if t is not None else filler for t in tokens] * branches)
+    cond_only = settings.branches == "cond" and first.guided
+    attends = torch.tensor([tokens[i] is not None and not (cond_only and g > 0)
+                            for g in range(branches) for i in range(batch)])
+    every_row = bool(attends.all())
+    blocks = set(settings.cache_blocks)
 
-        def attend(block: STDiT3Block, h: torch.Tensor, prepare) -> torch.Tensor:
-            q, k_cur, v_cur = block.attn.project_qkv(h)  # (B*T, nh, S, D)
-            _, k, v = block.attn.project_qkv(prepare(cache_tokens))
-            if settings.kv_source == "cache+current":
-                k, v = torch.cat([k, k_cur], dim=2), torch.cat([v, v_cur], dim=2)
-            if cond_only:
-                # rows are [cond frames; uncond frames]: the null branch keeps plain attention
-                half = q.shape[0] // 2
-                o = torch.cat(
-                    [
-                        cache_attention(q[:half], k[:half], v[:half], settings.kernel),
-                        self_attention(q[half:], k_cur[half:], v_cur[half:]),
-                    ]
-                )
-            else:
-                o = cache_attention(q, k, v, settings.kernel)
-            if settings.blend != 1.0:
-                own = self_attention(q, k_cur, v_cur)
-                o = own + settings.blend * (o - own)
-            return block.attn.project_out(o)
+    def cached(q, k, v, k_cur, v_cur) -> torch.Tensor:
+        if settings.kv_source == "cache+current":
+            k, v = torch.cat([k, k_cur], dim=2), torch.cat([v, v_cur], dim=2)
+        o = cache_attention(q, k, v, settings.kernel)
+        if settings.blend != 1.0:
+            own = self_attention(q, k_cur, v_cur)
+            o = own + settings.blend * (o - own)
+        return o
 
-        return attend
+    def attend(block: STDiT3Block, h: torch.Tensor, prepare) -> torch.Tensor:
+        # spatial layout: (rows * T, S, C), each model row's T frames together
+        q, k_cur, v_cur = block.attn.project_qkv(h)
+        _, k, v = block.attn.project_qkv(prepare(cache))
+        if every_row:
+            return block.attn.project_out(cached(q, k, v, k_cur, v_cur))
+        mask = attends.repeat_interleave(h.shape[0] // attends.numel()).to(h.device)
+        rest = ~mask
+        o = torch.empty_like(q)
+        o[mask] = cached(q[mask], k[mask], v[mask], k_cur[mask], v_cur[mask])
+        o[rest] = self_attention(q[rest], k_cur[rest], v_cur[rest])  # attending to itself
+        return block.attn.project_out(o)
+
+    def plan(kind: str, index: int) -> SelfAttnOverride | None:
+        return attend if kind == "spatial" and index in blocks else None
+
+    return plan

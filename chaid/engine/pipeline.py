@@ -18,7 +18,7 @@ import torch
 
 from chaid.checks import check_int, check_number
 from chaid.config import MODEL_CFG_SCALE, ChaiSettings, Settings
-from chaid.engine.cache_attention import CacheAttention
+from chaid.engine.cache_attention import CacheAttention, batch_plan
 from chaid.engine.intra_cache import FirstBlockCache, IntraCacheSettings, make_intra_cache
 from chaid.engine.sampler import Guidance, StepHook, euler_step, run_schedule
 from chaid.errors import InputError
@@ -140,11 +140,14 @@ class Run:
 
     @property
     def batch_key(self) -> tuple | None:
-        """What one model call shares: runs with equal keys batch together. None: this run
-        steps alone (Cache Attention and the intra cache plan per request, and a start
-        latent's run is kept apart from batches too)."""
+        """What one model call shares: runs with equal keys batch together (each row with
+        its own timestep, prompt, noise and Cache Attention). None: this run steps alone:
+        the intra cache decides per call whether to skip blocks, and a step with a Cache
+        Attention plan leaves temporal guidance out (Guidance), which would change the
+        other rows of the call."""
         req = self.request
-        if self.attention is not None or self.intra is not None:
+        if self.intra is not None or (self.attention is not None
+                                      and self.guidance.temporal_scale):
             return None
         return (tuple(self.z.shape), req.fps, req.height, req.width, req.cfg_scale)
 
@@ -391,9 +394,11 @@ class Pipeline:
     @torch.inference_mode()
     def step(self, runs: list[Run]) -> None:
         """The next denoising step of every run in ``runs``, in one DiT call: each row at
-        its own timestep, with its own prompt. The runs must be :meth:`Run.batches_with`
-        each other (a run with Cache Attention or the intra cache steps alone); ValueError
-        otherwise. A run whose step is in its capture steps keeps its input latent first."""
+        its own timestep, with its own prompt and its own Cache Attention (a hit's rows
+        attend to its entry's latent at its cache steps, the others to themselves). The
+        runs must be :meth:`Run.batches_with` each other (a run with the intra cache steps
+        alone); ValueError otherwise. A run whose step is in its capture steps keeps its
+        input latent first."""
         if not runs:
             return
         if any(run.done for run in runs):
@@ -422,7 +427,12 @@ class Pipeline:
             guidance = self._guidance(text, first.request, first.guidance.height,
                                       first.guidance.width)
             t = torch.tensor([run.t for run in runs], device=self.device)
-            v = guidance.velocity(z, t)
+            plan = None
+            if any(run.attention is not None for run in runs):
+                plan = batch_plan([run.attention for run in runs],
+                                  [run.step_number for run in runs],
+                                  1 if first.request.cfg_scale is None else 2, self.device)
+            v = guidance.velocity(z, t, plan)
         for row, run in enumerate(runs):
             run.z = euler_step(run.z, v[row:row + 1], run.t, run.t_next)
             run.index += 1
@@ -455,15 +465,15 @@ class Pipeline:
         request alone, to float rounding (a batched matmul sums in another order).
 
         The requests must batch with each other (:meth:`Run.batches_with`: the latent
-        shape, fps, size and guidance scale shared; no Cache Attention, intra cache or
-        start latent): InputError otherwise, before any denoising.
+        shape, fps, size and guidance scale shared; no intra cache): InputError otherwise,
+        before any denoising.
         """
         runs = [self.start(r) for r in requests]
         if len(runs) > 1 and not all(runs[0].batches_with(r) for r in runs[1:]):
             keys = sorted({r.batch_key for r in runs}, key=str)
             raise InputError("requests batched together must share frames, size, fps and "
-                             "guidance, and cannot use Cache Attention, the intra cache or a "
-                             f"start latent; got {keys}")
+                             "guidance, and none may use the intra cache (or Cache Attention "
+                             f"under temporal guidance); got {keys}")
         while active := [r for r in runs if not r.done]:
             self.step(active)
         return [self.finish(r) for r in runs]

@@ -16,9 +16,10 @@ denoising step at a time. Before each step it admits queued jobs, in the queue's
 order, while it holds fewer than ``max_batch`` (a job joins the jobs in flight at their
 current steps: it is looked up, planned and started, then stepped with them); it then runs
 the next step of every job that can share a model call with the longest-waiting one
-(:attr:`chaid.engine.pipeline.Run.batch_key`: one latent shape, size, fps and guidance; a
-job with Cache Attention steps alone), each at its own timestep, and finishes the jobs
-that are done (decode, cache write). Groups that cannot share a call take turns. What a
+(:attr:`chaid.engine.pipeline.Run.batch_key`: one latent shape, size, fps and guidance),
+each at its own timestep and with its own Cache Attention (a hit's rows attend to its
+entry's latents at its cache steps), and finishes the jobs that are done (decode, cache
+write). Groups that cannot share a call take turns. What a
 job gets does not depend on what it ran beside (tests/engine/test_pipeline.py, to 1e-4).
 Whether batching pays is a property of the device: :data:`BATCH_BY_DEVICE` holds the
 measured choice that ``max_batch = 0`` takes.

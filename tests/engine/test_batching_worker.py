@@ -70,11 +70,11 @@ def run_pool(engine: ChaiEngine, jobs: list[Job], max_batch: int,
     return pool
 
 
-@pytest.mark.parametrize(("cache_attention", "widest"), [("off", 4), ("on", 2)])
+@pytest.mark.parametrize(("cache_attention", "widest"), [("off", 4), ("on", 4)])
 def test_a_batch_gives_each_job_what_it_gets_alone(tmp_path, cache_attention, widest):
-    # The miss writes the entry the hits read; then two hits, a plain 12-step job and a
-    # refresh (30 steps, capturing) share one worker. Hits that run Cache Attention step
-    # alone (their attention is planned per request); plain hits join the batch.
+    # The miss writes the entry the hits read; then two hits (with Cache Attention on the
+    # entry's latents, or plain), a plain 12-step job and a refresh (30 steps, capturing)
+    # share one worker's model calls.
     def mixed(engine):
         return [job(engine, BLUE, seed=1, client=1), job(engine, GREEN, seed=2, client=2),
                 job(engine, PURPLE, CacheMode.OFF, seed=3, steps=12, client=3),

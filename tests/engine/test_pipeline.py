@@ -7,10 +7,13 @@ import pytest
 import torch
 from modelkit import randomize_
 
+from chaid.config import ChaiSettings
+from chaid.engine.intra_cache import IntraCacheSettings
 from chaid.engine.pipeline import GenerationRequest, Pipeline
 from chaid.engine.sampler import Guidance
 from chaid.errors import InputError
 from chaid.models import build_parts
+from chaid.modes import RunKind
 
 
 @pytest.fixture(scope="module")
@@ -141,24 +144,35 @@ def test_invalid_requests_are_refused_before_any_work(pipeline, change, message)
         pipeline.generate(req, on_step=lambda *a: pytest.fail("model ran"))
 
 
+CHAI_VARIANTS = {
+    "paper": ChaiSettings(),
+    "cond, cache+current, blend": ChaiSettings(branches="cond", kv_source="cache+current",
+                                               blend=0.5),
+}
+
+
+@pytest.mark.parametrize("variant", list(CHAI_VARIANTS))
 @pytest.mark.parametrize("device", [
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="batching on a GPU needs a CUDA device")]),
 ])
-def test_batched_requests_get_what_each_gets_alone(device, monkeypatch):
-    # A miss (30 steps, capturing), two hits run plain (8 steps) and a request of 12 steps,
-    # in one batch: each row at its own timestep, leaving the batch when it is done.
-    # In float32 (matmuls are not TF32 by default); TF32 convolutions would round batched
-    # and solo rows apart, and a bfloat16 model differs by its own rounding.
+def test_batched_requests_get_what_each_gets_alone(device, variant, monkeypatch):
+    # A miss (30 steps, capturing), a hit with Cache Attention on an earlier miss's
+    # latents, a hit run plain (8 steps each) and a request of 12 steps, in one batch:
+    # each row at its own timestep and with its own attention, leaving the batch when it
+    # is done. In float32 (matmuls are not TF32 by default); TF32 convolutions would round
+    # batched and solo rows apart, and a bfloat16 model differs by its own rounding.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     parts = build_parts("tiny-test", device=torch.device(device))
     randomize_(parts.dit, seed=5)
-    pipe = Pipeline(parts, torch.device(device))
+    pipe = Pipeline(parts, torch.device(device), CHAI_VARIANTS[variant])
+    entry = pipe.full("a red circle rolling right", seed=9).captured
     full = dataclasses.replace(GenerationRequest("a red circle rolling left", seed=1, steps=30),
                                capture_steps=(2, 3, 4))
     requests = [full,
-                GenerationRequest("a blue square bouncing", seed=2, steps=8),
+                GenerationRequest("a blue square bouncing", seed=2, steps=8,
+                                  cache_latents=entry),
                 GenerationRequest("a crimson ball drifting left", seed=3, steps=8),
                 GenerationRequest("a green triangle over the sea", seed=4, steps=12)]
     batched = pipe.generate_batch(requests)
@@ -169,10 +183,15 @@ def test_batched_requests_get_what_each_gets_alone(device, monkeypatch):
         assert sorted(got.captured) == sorted(ref.captured)
         for k in ref.captured:
             assert (got.captured[k] - ref.captured[k]).abs().max().item() <= 1e-4
+    assert [r.run for r in batched] == [RunKind.FULL, RunKind.FAST, RunKind.PLAIN,
+                                        RunKind.PLAIN]
+    # the hit's attention mattered: without the cache it is another video
+    plain = pipe.generate(dataclasses.replace(requests[1], cache_latents=None))
+    assert (plain.latent - batched[1].latent).abs().max().item() > 1e-3
     assert sorted(batched[0].captured) == [2, 3, 4] and not batched[1].captured
     # what one forward cannot share is refused before any work
     with pytest.raises(InputError, match="must share"):
-        pipe.generate_batch([requests[1], GenerationRequest("x", frames=8, steps=8)])
-    with pytest.raises(InputError, match="Cache Attention"):
-        pipe.generate_batch([requests[2], dataclasses.replace(requests[1],
-                                                              cache_latents=alone[0].captured)])
+        pipe.generate_batch([requests[2], GenerationRequest("x", frames=8, steps=8)])
+    with pytest.raises(InputError, match="intra cache"):
+        pipe.generate_batch([requests[2], dataclasses.replace(
+            requests[3], intra_cache=IntraCacheSettings(threshold=0.1))])

@@ -12,6 +12,7 @@ from modelkit import randomize_
 from chaid.config import ConfigError, SamplerSettings, Settings
 from chaid.engine.pipeline import GenerationRequest, Pipeline
 from chaid.engine.sampler import Guidance
+from chaid.errors import InputError
 from chaid.models import build_parts
 
 
@@ -68,6 +69,11 @@ def test_runs_with_it_batch_like_runs_alone_and_differ_from_runs_without(parts):
         assert (got.latent - ref.latent).abs().max().item() <= 1e-4
     without = Pipeline(parts, torch.device("cpu")).generate(requests[0])
     assert (without.latent - alone[0].latent).abs().max().item() > 1e-3
+    # a Cache Attention step leaves temporal guidance out, so such a hit steps alone
+    hit = dataclasses.replace(requests[1], cache_latents=pipe.full("a red circle").captured)
+    assert pipe.start(hit).batch_key is None
+    with pytest.raises(InputError, match="under temporal guidance"):
+        pipe.generate_batch([requests[0], hit])
 
 
 def test_the_setting_is_checked():
