@@ -169,3 +169,18 @@ def test_blob_jump_sees_a_teleport_and_not_a_glide():
     calm = Flags(jump=0.0, blob_jump=3.0, p_two=0.6, shape_halves=((0.9, 0.5), (0.2, 0.1)))
     assert not flagged("jump", calm) and not flagged("shape_change", calm)
     assert flagged("extra_object", calm)
+
+
+def test_the_defects_table_carries_the_temporal_guidance_column():
+    from chaid_lab.shapes.defects import format_table
+
+    def checks(rate):
+        return {"jump": {"videos": 40, "rate": rate, "truth_rate": 0.0, "vae_rate": 0.025,
+                         "flagged_by_prompt": {"a": 9, "b": 11}}}
+
+    report = {"seeds": 10, "steps": 30, "checks": checks(0.5)}
+    assert "temporal guidance" not in format_table(report)
+    report["temporal_guidance"] = {"scale": 0.5, "checks": checks(0.25)}
+    header, rule, row = format_table(report).splitlines()[2:5]
+    assert header.endswith("model, temporal guidance 0.5 |") and rule.count("|") == 8
+    assert row == "| jump | 40 | 50% | 0% | 2% | 9, 11 | 25% |"

@@ -115,10 +115,18 @@ def _defects(cfg: ReportConfig) -> dict:
     from chaid.models import build_parts
     from chaid_lab.shapes import defects
 
-    pipeline = Pipeline(build_parts(cfg.model), torch.device("cpu"))
-    report = defects.run(pipeline, seeds=1 if cfg.quick else defects.DEFAULT_SEEDS)
-    for check in report["checks"].values():  # the readings stay in the part's own runs
-        check.pop("rows")
+    seeds = 1 if cfg.quick else defects.DEFAULT_SEEDS
+    parts = build_parts(cfg.model)
+    report = defects.run(Pipeline(parts, torch.device("cpu")), seeds=seeds)
+    # and with the temporal guidance that stops the shape changes (off by default)
+    scale = defects.TEMPORAL_GUIDANCE
+    guided = defects.run(Pipeline(parts, torch.device("cpu"), temporal_guidance=scale),
+                         seeds=seeds)
+    report["temporal_guidance"] = {"scale": scale, "checks": guided["checks"],
+                                   "seconds": guided["seconds"]}
+    for part in (report, report["temporal_guidance"]):
+        for check in part["checks"].values():  # the readings stay in the part's own runs
+            check.pop("rows")
     return report
 
 

@@ -42,6 +42,9 @@ DEFAULT_SEEDS = 10
 # the judge's uncertainty about a blurred small object, which VAE round trips show too.
 SHAPE_HELD = 0.7
 SHAPE_LOST = 0.3
+# The temporal guidance (sampler.temporal_guidance) the report also measures: the scale
+# that stops most shape changes with the suite's judge tied (docs/shapes.md).
+TEMPORAL_GUIDANCE = 0.5
 
 # The prompts of each check. The one-object prompts include the two a first look at seed 0
 # showed with a second object.
@@ -166,11 +169,18 @@ def run(pipeline: Any, seeds: int = DEFAULT_SEEDS, steps: int | None = None,
 
 
 def format_table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table; a ``temporal_guidance`` sub-report (the same checks
+    with that guidance on) adds its column."""
+    guided = report.get("temporal_guidance")
+    extra = f" model, temporal guidance {guided['scale']} |" if guided else ""
     lines = [f"Visible defects, {report['seeds']} seeds per prompt, {report['steps']} steps",
              "", "| check | videos | flagged: model | true renders | their VAE round trips |"
-             " model, per prompt |", "|---|---|---|---|---|---|"]
+             f" model, per prompt |{extra}", "|---|---|---|---|---|---|" + "---|" * bool(guided)]
     for check, r in report["checks"].items():
         per = ", ".join(str(n) for n in r["flagged_by_prompt"].values())
-        lines.append(f"| {check} | {r['videos']} | {r['rate']:.0%} | {r['truth_rate']:.0%} |"
-                     f" {r['vae_rate']:.0%} | {per} |")
+        row = (f"| {check} | {r['videos']} | {r['rate']:.0%} | {r['truth_rate']:.0%} |"
+               f" {r['vae_rate']:.0%} | {per} |")
+        if guided:
+            row += f" {guided['checks'][check]['rate']:.0%} |"
+        lines.append(row)
     return "\n".join(lines)
