@@ -98,3 +98,38 @@ def test_a_batching_worker_runs_concurrent_clients_in_one_batch(tmp_path):
             diff = abs(video.astype(int) - ref.astype(int))
             # a batched matmul sums in another order: a pixel may round the other way
             assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_a_batching_worker_drains_and_then_cancels_its_batch_on_sigterm(tmp_path):
+    # Two jobs share the batch when SIGTERM arrives: a short one finishes within the grace
+    # period, the long one is cancelled at its end with `shutting_down`; the daemon exits 0.
+    daemon = Daemon(tmp_path / "d",
+                    config="[server]\nmax_batch = 2\ngrace_period_s = 6\n").start()
+    outcomes: dict[str, object] = {}
+
+    def one(name: str, steps: int) -> None:
+        try:
+            with Client(daemon.socket, timeout=120) as c:
+                outcomes[name] = c.generate(f"a {name} job", cache="off", steps=steps,
+                                            **LONG).steps
+        except RpcError as exc:
+            outcomes[name] = exc.code
+
+    threads = [threading.Thread(target=one, args=("short", 30)),
+               threading.Thread(target=one, args=("long", 200))]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        with Client(daemon.socket) as c:
+            while len(c.stats()["workers"][0]["batch"]) < 2:
+                assert not outcomes and time.monotonic() < deadline, \
+                    f"the jobs never shared the batch: {outcomes}"
+                time.sleep(0.02)
+        daemon.signal()
+        for t in threads:
+            t.join(60)
+        assert daemon.proc.wait(60) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    assert outcomes == {"short": 30, "long": "shutting_down"}, outcomes
