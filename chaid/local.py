@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from chaid.config import MODEL_CFG_SCALE, Settings, load_settings
-from chaid.modes import CacheMode, needs_lookup
+from chaid.modes import CacheMode
 
 
 @dataclass
@@ -108,9 +108,7 @@ class LocalChai:
         engine = self._engine
         request = engine.resolve(prompt, frames=frames, height=height, width=width,
                                  seed=seed, cfg_scale=cfg_scale, steps=steps)
-        repeat = engine.find_repeat(request, mode)
-        lookup = engine.lookup_or_miss(request) if repeat is None and needs_lookup(mode) \
-            else None
+        lookup, repeat = engine.look_up(request, mode)
         outcome = engine.generate(request, mode, lookup, repeat=repeat)
         inserted = engine.insert(outcome)
         return LocalResult(

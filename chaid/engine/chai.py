@@ -36,7 +36,7 @@ from chaid.engine.repeats import RepeatStore, repeat_key, settings_of
 from chaid.models import ModelParts
 from chaid.models.shapes_vocab import Understanding
 from chaid.models.weights import resolve_weights_file
-from chaid.modes import CacheMode, Outcome, decide
+from chaid.modes import CacheMode, Outcome, decide, needs_lookup
 from chaid.store.analysis import Analyzer
 from chaid.store.cache import InsertResult, LatentCache
 from chaid.store.errors import CorruptEntryError, EntryNotFoundError, StoreError
@@ -253,6 +253,16 @@ class ChaiEngine:
         except StoreError as exc:
             log.error("cache lookup failed (%s); running a miss", exc)
             return None
+
+    def look_up(self, request: GenerationRequest, mode: CacheMode
+                ) -> tuple[LookupResult | None, torch.Tensor | None]:
+        """What a generate needs to know first (CPU only): the final latent of an exact
+        repeat (:meth:`find_repeat`), else the cache lookup when ``mode`` makes one
+        (:meth:`lookup_or_miss`); (lookup, repeat), either or both None."""
+        repeat = self.find_repeat(request, mode)
+        if repeat is not None or not needs_lookup(mode):
+            return None, repeat
+        return self.lookup_or_miss(request), None
 
     def generate(
         self,

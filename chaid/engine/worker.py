@@ -49,7 +49,7 @@ from chaid.engine.chai import ChaiEngine, ChaiOutcome, Planned
 from chaid.engine.pipeline import GenerationRequest, Run
 from chaid.engine.scheduler import FairQueue
 from chaid.errors import InputError
-from chaid.modes import CacheMode, Outcome, decide, needs_lookup, steps_for
+from chaid.modes import CacheMode, Outcome, decide, steps_for
 from chaid.store.matching import LookupResult
 
 log = logging.getLogger(__name__)
@@ -344,13 +344,10 @@ class DeviceWorker:
 
     async def _look_up(self, job: Job) -> tuple[LookupResult | None, Any]:
         """The job's exact repeat, else its cache lookup when its mode needs one."""
-        lookup: LookupResult | None = None
-        repeat = await trio.to_thread.run_sync(self.engine.find_repeat, job.request, job.mode,
-                                               limiter=self.lookup_limiter)
-        if repeat is None and needs_lookup(job.mode):
-            t0 = time.perf_counter()
-            lookup = await trio.to_thread.run_sync(self.engine.lookup_or_miss, job.request,
-                                                   limiter=self.lookup_limiter)
+        t0 = time.perf_counter()
+        lookup, repeat = await trio.to_thread.run_sync(self.engine.look_up, job.request,
+                                                       job.mode, limiter=self.lookup_limiter)
+        if lookup is not None:
             job.lookup_ms = (time.perf_counter() - t0) * 1e3
         return lookup, repeat
 
