@@ -9,7 +9,9 @@ guidance, at 30 steps, over the defect checks' prompts and 10 seeds:
   blocks (the product's ``sampler.temporal_guidance`` uses every block);
 * ``--autoguide L --weak FILE``: autoguidance, v += L·(v_cond − v_weak,cond), where the
   weak model is an earlier checkpoint of the same DiT (e.g. the stage-2 weights from the
-  repository's history: ``git show 32a82f2:chaid/shapes/weights/dit.safetensors``).
+  repository's history: ``git show 32a82f2:chaid/shapes/weights/dit.safetensors``);
+* ``--early-cfg G --until T``: classifier-free guidance G while t > T (the steps that lay
+  out the clip), the preset's below.
 
     python lab/scripts/guidance_defects.py --temporal 1 --blocks 0,1 --json out/g.json
 """
@@ -44,6 +46,8 @@ def main() -> None:
     ap.add_argument("--blocks", default="0,1,2,3", help="temporal blocks made the identity")
     ap.add_argument("--autoguide", type=float, default=0.0, help="autoguidance scale")
     ap.add_argument("--weak", type=Path, help="the weak DiT's weights (autoguidance)")
+    ap.add_argument("--early-cfg", type=float, help="guidance scale while t > --until")
+    ap.add_argument("--until", type=float, default=800.0, help="see --early-cfg (800)")
     ap.add_argument("--seeds", type=int, default=defects.DEFAULT_SEEDS)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -62,9 +66,13 @@ def main() -> None:
                 size = (run.request.fps, run.guidance.height, run.guidance.width)
                 cond = Guidance(pipe.parts.dit, run.text, None, *size)
                 weak_cond = Guidance(weak, run.text, None, *size) if weak else None
+                early = (Guidance(pipe.parts.dit, run.text, args.early_cfg, *size)
+                         if args.early_cfg is not None else None)
                 with torch.inference_mode():
                     while not run.done:
-                        v = run.guidance.velocity(run.z, run.t)
+                        guide = early if early is not None and run.t > args.until \
+                            else run.guidance
+                        v = guide.velocity(run.z, run.t)
                         if args.temporal:
                             v = v + args.temporal * (cond.velocity(run.z, run.t)
                                                      - cond.velocity(run.z, run.t, plan))
