@@ -89,6 +89,30 @@ def inspect_data_file(path: Path) -> FileState | None:
     return FileState(size, page_size, last_page, txnid)
 
 
+# The meta record (magic to txnid) inside a meta page: what makes a snapshot the newest.
+_META_RECORD = slice(_MAGIC_AT, _LAST_AT + _LAST_PAGE_TXNID.size)
+
+
+def older_snapshot(path: Path) -> FileState:
+    """Make ``path`` (a scratch copy of a ``data.mdb``) open at its previous commit: the
+    newer meta page gets the older one's record, so LMDB, which maps the snapshot of the
+    higher transaction id, finds the older one in both. LMDB does not reuse the pages of
+    the previous commit before the next one, so its trees are whole unless the file lost
+    them. The older snapshot's state; StoreCorruptError if a meta page is damaged."""
+    path = Path(path)
+    with open(path, "r+b") as f:
+        first = f.read(_MAX_PAGE)
+        page_size, last0, txn0 = _meta(first, 0)
+        f.seek(page_size)
+        second = f.read(page_size)
+        _, last1, txn1 = _meta(second, 1)
+        older, newer_at = (first, page_size) if txn0 < txn1 else (second, 0)
+        f.seek(newer_at + _META_RECORD.start)
+        f.write(older[_META_RECORD])
+    last_page, txnid = (last0, txn0) if txn0 < txn1 else (last1, txn1)
+    return FileState(path.stat().st_size, page_size, last_page, txnid)
+
+
 def check_data_file(data_dir: Path, path: Path) -> FileState | None:
     """Refuse, with what is wrong and how to recover, the store's ``data.mdb`` at ``path``
     when LMDB must not map it: damaged meta pages, or a file shorter than its newest

@@ -33,7 +33,7 @@ import lmdb
 
 from chaid.store import db as dbm
 from chaid.store.codec import checksum, stored_length
-from chaid.store.datafile import FileState, inspect_data_file, repair_hint
+from chaid.store.datafile import FileState, inspect_data_file, older_snapshot, repair_hint
 from chaid.store.errors import StoreCorruptError, StoreError
 from chaid.store.pagewalk import walk_in_child
 
@@ -139,6 +139,9 @@ class SalvageReport:
     # Set when no entry could be found: the damaged file was moved aside and the next
     # open starts an empty store.
     unreadable: str = ""
+    # Entries read from the previous commit's snapshot, the newest one having lost them
+    # (or its catalog): their state is the one before the last commit.
+    from_previous: int = 0
 
     def summary(self) -> str:
         if self.unreadable:
@@ -148,6 +151,9 @@ class SalvageReport:
         more = len(self.lost) - min(len(self.lost), 10)
         text = (f"salvaged {self.salvaged} of {self.salvaged + len(self.lost)} entries into a "
                 f"new store; the damaged file is kept at {self.kept_at}")
+        if self.from_previous:
+            text += (f"; {self.from_previous} of them from the commit before the last one "
+                     "(the last commit's pages were lost)")
         if self.lost:
             text += f"; lost: {lost}" + (f" and {more} more" if more else "")
         return text
@@ -179,11 +185,21 @@ def salvage(data_dir: Path, *, durable: bool = True) -> SalvageReport:
         report = SalvageReport()
         kept = lmdb_dir / f"data.mdb.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
         report.kept_at = str(kept)
-        try:
-            with _readable_copy(src_file, state, work) as src:
-                _copy_intact(src, work / "new", report)
-        except NothingToSalvage as exc:
-            report.unreadable = str(exc)
+        target = _Target(work / "new")
+        unreadable = ""
+        # The newest commit first; what it lost (a truncated file loses the last commit's
+        # pages first), from the commit before it.
+        for previous in (False, True):
+            try:
+                with _readable_copy(src_file, state, work, previous) as src:
+                    _copy_intact(src, target, report, previous)
+            except NothingToSalvage as exc:
+                unreadable = unreadable or str(exc)
+            if not report.lost and target.db is not None:
+                break
+        target.close()
+        if target.db is None:
+            report.unreadable = unreadable
             os.replace(src_file, kept)
         else:
             new_file = work / "new" / dbm.LMDB_DIRNAME / "data.mdb"
@@ -205,16 +221,24 @@ def salvage(data_dir: Path, *, durable: bool = True) -> SalvageReport:
 
 
 @contextlib.contextmanager
-def _readable_copy(src_file: Path, state: FileState, work: Path) -> Iterator[lmdb.Environment]:
-    """The damaged environment, opened read-only without touching its lock file. A
-    truncated file is copied and padded with zero pages to its recorded length first, so
-    reading a lost page fails with MDB_CORRUPTED instead of a SIGBUS."""
+def _readable_copy(src_file: Path, state: FileState, work: Path,
+                   previous: bool = False) -> Iterator[lmdb.Environment]:
+    """The damaged environment, opened read-only without touching its lock file: at its
+    newest commit, or at the one before (``previous``, on a copy). A truncated file is
+    copied and padded with zero pages to its recorded length first, so reading a lost page
+    fails with MDB_CORRUPTED instead of a SIGBUS."""
     path = src_file.parent
-    if state.truncated:
-        copy = work / "source"
+    copy = work / "source"
+    if state.truncated or previous:
+        shutil.rmtree(copy, ignore_errors=True)
         copy.mkdir()
         shutil.copyfile(src_file, copy / "data.mdb")
-        os.truncate(copy / "data.mdb", state.needed)
+        if previous:
+            older = older_snapshot(copy / "data.mdb")
+            state = FileState(state.size, state.page_size, max(state.last_page,
+                                                               older.last_page), older.txnid)
+        if state.truncated:
+            os.truncate(copy / "data.mdb", state.needed)
         path = copy
     env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=dbm.MAX_DBS, subdir=True,
                     map_size=max(state.needed, state.size))
@@ -222,11 +246,56 @@ def _readable_copy(src_file: Path, state: FileState, work: Path) -> Iterator[lmd
         yield env
     finally:
         env.close()
+        if path == copy:
+            shutil.rmtree(copy, ignore_errors=True)
 
 
-def _copy_intact(env: lmdb.Environment, target: Path, report: SalvageReport) -> None:
-    """Copy every intact entry (record, latents, vectors, prompt vector) of ``env`` into a
-    new store under ``target``, a batch of entries per transaction."""
+class _Target:
+    """The new store a salvage fills: opened with the first readable snapshot's embedder,
+    its counters the largest any snapshot names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db: dbm.LatentDB | None = None
+        self.meta: dict = {}
+        self.next_entry = 1
+        self.next_item = 0
+        self.ids: set[int] = set()  # entries copied already
+
+    def open(self, meta: dict) -> dbm.LatentDB:
+        if self.db is None:
+            self.path.mkdir()
+            self.db = dbm.LatentDB(self.path, embedder=(meta["embedder"], meta["dim"]),
+                                   durable=False)
+            self.meta = meta
+        elif (meta["embedder"], meta["dim"]) != (self.meta["embedder"], self.meta["dim"]):
+            raise NothingToSalvage("its previous commit names another embedder")
+        self.next_entry = max(self.next_entry, meta.get("next_entry", 1))
+        self.next_item = max(self.next_item, meta.get("next_item", 0))
+        return self.db
+
+    def close(self) -> None:
+        if self.db is None:
+            return
+        total = sum(r.bytes for r in self._records())
+        values = {"next_entry": self.next_entry, "next_item": self.next_item,
+                  "total_bytes": total, "created": self.meta.get("created", time.time())}
+        self.db.write(lambda out: [self.db.put_meta(out, k, v) for k, v in values.items()])
+        self.db.env.sync(True)
+        self.db.close()
+
+    def _records(self) -> Iterator[dbm.EntryRecord]:
+        with self.db.env.begin() as txn:
+            for _, raw in txn.cursor(db=self.db.entries):
+                yield dbm.EntryRecord.decode(raw)
+
+
+def _copy_intact(env: lmdb.Environment, target: _Target, report: SalvageReport,
+                 previous: bool) -> None:
+    """Copy every intact entry of ``env`` that ``target`` lacks (record, latents, vectors,
+    prompt vector) into it, a batch of entries per transaction. From the ``previous``
+    commit, only entries the newest one lost are taken (an entry the last commit removed
+    stays removed), or every entry when the newest commit could not be read at all."""
     names = ("meta", "entries", "latents", "vectors", "prompts")
     try:
         handles = {n: env.open_db(n.encode(), create=False) for n in names}
@@ -236,19 +305,23 @@ def _copy_intact(env: lmdb.Environment, target: Path, report: SalvageReport) -> 
     with env.begin() as txn:
         meta = _read_meta(txn, handles["meta"])
         ids = _entry_ids(txn, handles["entries"], meta.get("next_entry"))
-    target.mkdir()
-    new = dbm.LatentDB(target, embedder=(meta["embedder"], meta["dim"]), durable=False)
+    if previous and target.db is not None:
+        ids = [i for i in ids if i in report.lost]
+    new = target.open(meta)
     txn = env.begin()
     try:
-        next_entry, next_item = meta.get("next_entry", 1), meta.get("next_item", 0)
         for start in range(0, len(ids), _SALVAGE_BATCH):
             chunk = []
             for entry_id in ids[start:start + _SALVAGE_BATCH]:
+                if entry_id in target.ids:
+                    continue
                 record = _intact_record(txn, view, entry_id, report)
                 if record is not None:
                     chunk.append(record)
-                    next_entry = max(next_entry, entry_id + 1)
-                    next_item = max([next_item, *(i + 1 for i in record.item_ids)])
+                    report.lost.pop(entry_id, None)
+                    target.next_entry = max(target.next_entry, entry_id + 1)
+                    target.next_item = max([target.next_item,
+                                            *(i + 1 for i in record.item_ids)])
                 elif entry_id in report.lost:
                     # LMDB fails every later read of a transaction that met a damaged page.
                     txn.abort()
@@ -256,16 +329,13 @@ def _copy_intact(env: lmdb.Environment, target: Path, report: SalvageReport) -> 
             if chunk:
                 new.write(lambda out, src=txn, chunk=chunk: _put_entries(src, out, view, new,
                                                                           chunk))
+            target.ids.update(r.entry_id for r in chunk)
             report.salvaged += len(chunk)
             report.total_bytes += sum(r.bytes for r in chunk)
-        values = {"next_entry": next_entry, "next_item": next_item,
-                  "total_bytes": report.total_bytes, "created": meta.get("created",
-                                                                         time.time())}
-        new.write(lambda out: [new.put_meta(out, k, v) for k, v in values.items()])
-        new.env.sync(True)
+            if previous:
+                report.from_previous += len(chunk)
     finally:
         txn.abort()
-        new.close()
 
 
 _SALVAGE_BATCH = 64

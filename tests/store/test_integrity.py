@@ -111,6 +111,24 @@ def test_truncated_file_is_refused_with_a_message_not_a_sigbus(tmp_path):
     assert before < after and len(after) == len(before) + 1
 
 
+def test_a_file_that_lost_its_last_pages_is_salvaged_from_the_commit_before(tmp_path):
+    # The last commit's pages sit at the end of the file: cutting two pages loses the
+    # newest snapshot's catalog, and the repair falls back to the snapshot before it, which
+    # LMDB keeps whole until the next commit. Only the last insert is lost.
+    settings = fill(tmp_path, 12)
+    path = data_file(settings)
+    os.truncate(path, path.stat().st_size - 2 * PAGE)
+    out = chaid("cache", "check", "--repair", "--json", "--data-dir", str(settings.data_dir))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["entries"] == 11, report
+    with LatentCache(settings, embedder=TOY_EMBEDDER) as cache:
+        ids = assert_intact(cache)
+        assert ids == set(range(1, 12))
+        cache.insert(toy_analysis("after"), toy_latents("after", SHAPE), "fp")
+        assert len(assert_intact(cache)) == 12
+
+
 def test_damaged_tree_page_is_found_at_open_and_salvaged(tmp_path):
     n = 100  # 300 latents: a tree of several leaves under a branch page
     settings = fill(tmp_path, n)
