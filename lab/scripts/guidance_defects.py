@@ -10,6 +10,8 @@ guidance, at 30 steps, over the defect checks' prompts and 10 seeds:
 * ``--autoguide L --weak FILE``: autoguidance, v += L·(v_cond − v_weak,cond), where the
   weak model is an earlier checkpoint of the same DiT (e.g. the stage-2 weights from the
   repository's history: ``git show 32a82f2:chaid/shapes/weights/dit.safetensors``);
+* ``--spatial S --blocks B``: the same with the identity in the spatial self-attention of
+  blocks B instead (each token attends to itself only within its frame);
 * ``--early-cfg G --until T``: classifier-free guidance G while t > T (the steps that lay
   out the clip), the preset's below.
 
@@ -32,18 +34,19 @@ from chaid_lab.shapes import defects
 from chaid_lab.shapes.judge import load_judge
 
 
-def identity_in_time(blocks: set[int]):
+def identity_in(kind_skipped: str, blocks: set[int]):
     def attend(block, h, prepare):
         _, _, v = block.attn.project_qkv(h)
         return block.attn.project_out(v)
 
-    return lambda kind, index: attend if kind == "temporal" and index in blocks else None
+    return lambda kind, index: attend if kind == kind_skipped and index in blocks else None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--temporal", type=float, default=0.0, help="temporal guidance scale")
-    ap.add_argument("--blocks", default="0,1,2,3", help="temporal blocks made the identity")
+    ap.add_argument("--spatial", type=float, default=0.0, help="spatial skip guidance scale")
+    ap.add_argument("--blocks", default="0,1,2,3", help="blocks made the identity")
     ap.add_argument("--autoguide", type=float, default=0.0, help="autoguidance scale")
     ap.add_argument("--weak", type=Path, help="the weak DiT's weights (autoguidance)")
     ap.add_argument("--early-cfg", type=float, help="guidance scale while t > --until")
@@ -54,7 +57,9 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = Pipeline(build_parts("tiny-shapes"), torch.device("cpu"))
     weak = build_parts("tiny-shapes", args.weak).dit if args.autoguide else None
-    plan = identity_in_time({int(b) for b in args.blocks.split(",")})
+    blocks = {int(b) for b in args.blocks.split(",")}
+    plan = identity_in("temporal", blocks)
+    spatial_plan = identity_in("spatial", blocks)
     judge = load_judge()
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     t0 = time.perf_counter()
@@ -76,6 +81,9 @@ def main() -> None:
                         if args.temporal:
                             v = v + args.temporal * (cond.velocity(run.z, run.t)
                                                      - cond.velocity(run.z, run.t, plan))
+                        if args.spatial:
+                            v = v + args.spatial * (cond.velocity(run.z, run.t)
+                                                    - cond.velocity(run.z, run.t, spatial_plan))
                         if weak_cond is not None:
                             v = v + args.autoguide * (cond.velocity(run.z, run.t)
                                                       - weak_cond.velocity(run.z, run.t))
