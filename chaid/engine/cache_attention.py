@@ -66,11 +66,6 @@ class CacheAttention:
         with torch.no_grad():
             return self.dit.embed_tokens(cached, self.height, self.width)
 
-    def plan(self, step: int, branches: int, device: torch.device) -> BlockAttnPlan | None:
-        """The attention plan of this request alone at 1-based ``step``, its model batch
-        being its ``branches`` guidance rows; None when ``step`` uses no cache."""
-        return batch_plan([self], [step], branches, device)
-
 
 def batch_plan(attentions: list[CacheAttention | None], steps: list[int], branches: int,
                device: torch.device) -> BlockAttnPlan | None:

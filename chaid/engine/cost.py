@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from chaid.engine.pipeline import GenerationRequest, Pipeline
-from chaid.engine.sampler import Guidance
+from chaid.engine.sampler import Guidance, guidance_rows
 from chaid.errors import ChaidError
 from chaid.limits import MAX_SIDE
 
@@ -114,8 +114,7 @@ class CostModel:
         t, h, w = parts.dit.token_grid(latent)
         s = h * w
         tokens = t * s
-        batch = ((1 if request.cfg_scale is None else 2)
-                 + (1 if self.pipeline.temporal_guidance else 0))
+        batch = guidance_rows(request.cfg_scale, self.pipeline.temporal_guidance)
         c, r, length = cfg.hidden_size, cfg.mlp_ratio, cfg.model_max_length
         per_token = (12 + 4 * r) * c * c + 2 * c * (s + t) + 4 * length * c
         macs = cfg.depth * (tokens * per_token + 4 * length * c * c)

@@ -20,7 +20,7 @@ from chaid.checks import check_int, check_number
 from chaid.config import MODEL_CFG_SCALE, ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention, batch_plan
 from chaid.engine.intra_cache import FirstBlockCache, IntraCacheSettings, make_intra_cache
-from chaid.engine.sampler import Guidance, StepHook, euler_step, run_schedule
+from chaid.engine.sampler import Guidance, StepHook, euler_step, guidance_rows, run_schedule
 from chaid.errors import InputError
 from chaid.limits import (
     MAX_CFG_SCALE,
@@ -410,29 +410,25 @@ class Pipeline:
         for run in runs:
             if run.step_number in run.request.capture_steps:
                 run.captured[run.step_number] = run.z[0].float().cpu().clone()
-        if len(runs) == 1:
-            z, guidance = first.z, first.guidance
-            step = first.step_number
-            # a Cache Attention plan covers the guidance branches (temporal guidance is
-            # left out of the steps that carry one: Guidance)
-            branches = 1 if first.request.cfg_scale is None else 2
-            plan = (first.attention.plan(step, branches, self.device) if first.attention
-                    else None)
-            runner = first.intra.runner(step) if first.intra else None
-            v = guidance.velocity(z, first.t, plan, runner)
+        if len(runs) == 1:  # its own guidance, and its intra cache (which never batches)
+            z, t, guidance = first.z, first.t, first.guidance
+            runner = first.intra.runner(first.step_number) if first.intra else None
         else:
             z = torch.cat([run.z for run in runs])
+            t = torch.tensor([run.t for run in runs], device=self.device)
             text = TextEmbedding(torch.cat([run.text.states for run in runs]),
                                  torch.cat([run.text.mask for run in runs]))
             guidance = self._guidance(text, first.request, first.guidance.height,
                                       first.guidance.width)
-            t = torch.tensor([run.t for run in runs], device=self.device)
-            plan = None
-            if any(run.attention is not None for run in runs):
-                plan = batch_plan([run.attention for run in runs],
-                                  [run.step_number for run in runs],
-                                  1 if first.request.cfg_scale is None else 2, self.device)
-            v = guidance.velocity(z, t, plan)
+            runner = None
+        plan = None
+        if any(run.attention is not None for run in runs):
+            # laid out for the guidance rows (temporal guidance is left out of the steps
+            # that carry a plan: Guidance)
+            plan = batch_plan([run.attention for run in runs],
+                              [run.step_number for run in runs],
+                              guidance_rows(first.request.cfg_scale), self.device)
+        v = guidance.velocity(z, t, plan, runner)
         for row, run in enumerate(runs):
             run.z = euler_step(run.z, v[row:row + 1], run.t, run.t_next)
             run.index += 1

@@ -113,6 +113,12 @@ def schedule(num_steps: int, ratio: float | None = None) -> list[float]:
     return ts
 
 
+def guidance_rows(scale: float | None, temporal_scale: float = 0.0) -> int:
+    """Model rows per request under :class:`Guidance`: the prompt, the null caption when
+    guided (``scale`` set), the temporal-skip branch when ``temporal_scale`` is on."""
+    return (1 if scale is None else 2) + (1 if temporal_scale else 0)
+
+
 @dataclass
 class Guidance:
     """Classifier-free guidance, and optionally temporal guidance, around one DiT call per
@@ -153,11 +159,6 @@ class Guidance:
             self._y_skip = torch.cat([self._y, states], dim=0)
             self._mask_skip = torch.cat([self._mask, self.text.mask], dim=0)
 
-    @property
-    def branches(self) -> int:
-        """Rows of the model batch per request (without an attention plan)."""
-        return (1 if self.scale is None else 2) + (1 if self.temporal_scale else 0)
-
     def velocity(
         self,
         z: torch.Tensor,
@@ -172,9 +173,9 @@ class Guidance:
         unchanged (every branch of the batch goes through one call, so one runner decision
         covers them all).
         """
-        guided = 1 if self.scale is None else 2
+        guided = guidance_rows(self.scale)
         skip = bool(self.temporal_scale) and attn_plan is None
-        branches = guided + (1 if skip else 0)
+        branches = guidance_rows(self.scale, self.temporal_scale if skip else 0.0)
         y, mask = (self._y_skip, self._mask_skip) if skip else (self._y, self._mask)
         z_in = torch.cat([z] * branches, dim=0) if branches > 1 else z
         if isinstance(t, torch.Tensor):

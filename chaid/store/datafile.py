@@ -79,14 +79,22 @@ def inspect_data_file(path: Path) -> FileState | None:
     if size == 0:
         return None
     with open(path, "rb") as f:
-        first = f.read(_MAX_PAGE)
-        page_size, last0, txn0 = _meta(first, 0)
-        f.seek(page_size)
-        page_size1, last1, txn1 = _meta(f.read(page_size), 1)
+        page_size, metas = _both_metas(f)
+    _, last_page, txnid = max(metas, key=lambda m: m[2])  # meta 0 on a tie, as LMDB
+    return FileState(size, page_size, last_page, txnid)
+
+
+def _both_metas(f) -> tuple[int, list[tuple[bytes, int, int]]]:
+    """The page size and both meta pages of an open ``data.mdb`` as (page bytes, last
+    page, txnid); StoreCorruptError if either is damaged or they disagree."""
+    first = f.read(_MAX_PAGE)
+    page_size, last0, txn0 = _meta(first, 0)
+    f.seek(page_size)
+    second = f.read(page_size)
+    page_size1, last1, txn1 = _meta(second, 1)
     if page_size1 != page_size:
         raise StoreCorruptError("the two meta pages of data.mdb disagree on the page size")
-    last_page, txnid = (last0, txn0) if txn0 >= txn1 else (last1, txn1)
-    return FileState(size, page_size, last_page, txnid)
+    return page_size, [(first, last0, txn0), (second, last1, txn1)]
 
 
 # The meta record (magic to txnid) inside a meta page: what makes a snapshot the newest.
@@ -101,15 +109,11 @@ def older_snapshot(path: Path) -> FileState:
     them. The older snapshot's state; StoreCorruptError if a meta page is damaged."""
     path = Path(path)
     with open(path, "r+b") as f:
-        first = f.read(_MAX_PAGE)
-        page_size, last0, txn0 = _meta(first, 0)
-        f.seek(page_size)
-        second = f.read(page_size)
-        _, last1, txn1 = _meta(second, 1)
-        older, newer_at = (first, page_size) if txn0 < txn1 else (second, 0)
-        f.seek(newer_at + _META_RECORD.start)
-        f.write(older[_META_RECORD])
-    last_page, txnid = (last0, txn0) if txn0 < txn1 else (last1, txn1)
+        page_size, metas = _both_metas(f)
+        newer = max((0, 1), key=lambda i: metas[i][2])  # meta 0 on a tie, as LMDB
+        older_page, last_page, txnid = metas[1 - newer]
+        f.seek(newer * page_size + _META_RECORD.start)
+        f.write(older_page[_META_RECORD])
     return FileState(path.stat().st_size, page_size, last_page, txnid)
 
 

@@ -197,7 +197,7 @@ def salvage(data_dir: Path, *, durable: bool = True) -> SalvageReport:
                 unreadable = unreadable or str(exc)
             if not report.lost and target.db is not None:
                 break
-        target.close()
+        target.close(report.total_bytes)
         if target.db is None:
             report.unreadable = unreadable
             os.replace(src_file, kept)
@@ -260,7 +260,6 @@ class _Target:
         self.meta: dict = {}
         self.next_entry = 1
         self.next_item = 0
-        self.ids: set[int] = set()  # entries copied already
 
     def open(self, meta: dict) -> dbm.LatentDB:
         if self.db is None:
@@ -274,26 +273,21 @@ class _Target:
         self.next_item = max(self.next_item, meta.get("next_item", 0))
         return self.db
 
-    def close(self) -> None:
+    def close(self, total_bytes: int) -> None:
+        """Write the counters and the entries' ``total_bytes``, sync, close."""
         if self.db is None:
             return
-        total = sum(r.bytes for r in self._records())
         values = {"next_entry": self.next_entry, "next_item": self.next_item,
-                  "total_bytes": total, "created": self.meta.get("created", time.time())}
+                  "total_bytes": total_bytes, "created": self.meta.get("created", time.time())}
         self.db.write(lambda out: [self.db.put_meta(out, k, v) for k, v in values.items()])
         self.db.env.sync(True)
         self.db.close()
 
-    def _records(self) -> Iterator[dbm.EntryRecord]:
-        with self.db.env.begin() as txn:
-            for _, raw in txn.cursor(db=self.db.entries):
-                yield dbm.EntryRecord.decode(raw)
-
 
 def _copy_intact(env: lmdb.Environment, target: _Target, report: SalvageReport,
                  previous: bool) -> None:
-    """Copy every intact entry of ``env`` that ``target`` lacks (record, latents, vectors,
-    prompt vector) into it, a batch of entries per transaction. From the ``previous``
+    """Copy every intact entry of ``env`` (record, latents, vectors, prompt vector) into
+    ``target``, a batch of entries per transaction. From the ``previous``
     commit, only entries the newest one lost are taken (an entry the last commit removed
     stays removed), or every entry when the newest commit could not be read at all."""
     names = ("meta", "entries", "latents", "vectors", "prompts")
@@ -313,8 +307,6 @@ def _copy_intact(env: lmdb.Environment, target: _Target, report: SalvageReport,
         for start in range(0, len(ids), _SALVAGE_BATCH):
             chunk = []
             for entry_id in ids[start:start + _SALVAGE_BATCH]:
-                if entry_id in target.ids:
-                    continue
                 record = _intact_record(txn, view, entry_id, report)
                 if record is not None:
                     chunk.append(record)
@@ -329,7 +321,6 @@ def _copy_intact(env: lmdb.Environment, target: _Target, report: SalvageReport,
             if chunk:
                 new.write(lambda out, src=txn, chunk=chunk: _put_entries(src, out, view, new,
                                                                           chunk))
-            target.ids.update(r.entry_id for r in chunk)
             report.salvaged += len(chunk)
             report.total_bytes += sum(r.bytes for r in chunk)
             if previous:

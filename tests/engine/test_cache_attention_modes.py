@@ -5,7 +5,7 @@ import torch
 from modelkit import randomize_
 
 from chaid.config import ChaiSettings
-from chaid.engine.cache_attention import CacheAttention
+from chaid.engine.cache_attention import CacheAttention, batch_plan
 from chaid.engine.pipeline import GenerationRequest, Pipeline
 from chaid.engine.sampler import Guidance
 from chaid.errors import InputError
@@ -37,7 +37,7 @@ def _velocity(parts, z, cached, step=2, **chai):
     plan = None
     if cached is not None:
         ca = CacheAttention(parts.dit, {k: cached for k in (2, 3, 4)}, settings, 32, 32, True)
-        plan = ca.plan(step, 2, z.device)
+        plan = batch_plan([ca], [step], 2, z.device)
     with torch.no_grad():
         return g.velocity(z, 600.0, plan)
 
@@ -117,18 +117,18 @@ def test_fast_mode_runs_eight_evaluations_per_branch_with_cache_at_2_3_4(parts):
     full = pipe.full(PROMPT_A, seed=1)
     calls, handle = _count_dit_calls(parts)
     used = []
-    original = CacheAttention.plan
+    original = CacheAttention.tokens
 
-    def spy(self, step, batch, device):
-        plan = original(self, step, batch, device)
-        used.append((step, plan is not None))
-        return plan
+    def spy(self, step, device):
+        tokens = original(self, step, device)
+        used.append((step, tokens is not None))
+        return tokens
 
-    CacheAttention.plan = spy
+    CacheAttention.tokens = spy
     try:
         fast = pipe.fast(PROMPT_B, full.captured, seed=2)
     finally:
-        CacheAttention.plan = original
+        CacheAttention.tokens = original
         handle.remove()
     assert fast.run == "fast" and fast.steps == 8
     assert calls == [2] * 8  # one model call per step, both guidance branches batched
@@ -187,7 +187,7 @@ def test_cond_only_leaves_the_null_branch_plain(parts):
         ca = CacheAttention(
             parts.dit, {k: cached for k in (2, 3, 4)}, ChaiSettings(branches="cond"), 32, 32, True
         )
-        plan = ca.plan(2, 2, z.device) if cache is not None else None
+        plan = batch_plan([ca], [2], 2, z.device) if cache is not None else None
         g = Guidance(parts.dit, text, 0.0, fps=8, height=32, width=32)  # scale 0: null branch only
         with torch.no_grad():
             outs[name] = g.velocity(z, 600.0, plan)
