@@ -78,15 +78,15 @@ def main() -> None:
                         guide = early if early is not None and run.t > args.until \
                             else run.guidance
                         v = guide.velocity(run.z, run.t)
+                        if args.temporal or args.spatial or weak_cond is not None:
+                            v_cond = cond.velocity(run.z, run.t)  # once per step
                         if args.temporal:
-                            v = v + args.temporal * (cond.velocity(run.z, run.t)
-                                                     - cond.velocity(run.z, run.t, plan))
+                            v = v + args.temporal * (v_cond - cond.velocity(run.z, run.t, plan))
                         if args.spatial:
-                            v = v + args.spatial * (cond.velocity(run.z, run.t)
-                                                    - cond.velocity(run.z, run.t, spatial_plan))
+                            v = v + args.spatial * (v_cond - cond.velocity(run.z, run.t,
+                                                                           spatial_plan))
                         if weak_cond is not None:
-                            v = v + args.autoguide * (cond.velocity(run.z, run.t)
-                                                      - weak_cond.velocity(run.z, run.t))
+                            v = v + args.autoguide * (v_cond - weak_cond.velocity(run.z, run.t))
                         run.z = euler_step(run.z, v, run.t, run.t_next)
                         run.index += 1
                 video = pipe.finish(run).video
