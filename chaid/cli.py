@@ -116,6 +116,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "fps": result.fps,
         "seed": args.seed,
         "cfg_scale": request.cfg_scale,
+        "eta": pipeline.eta,
         "latent_shape": list(result.latent.shape),
         "timings": {**result.timings.as_dict(), "load_ms": round(load_ms, 1)},
     }
@@ -179,6 +180,8 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
             "width": spec.width,
             "fps": spec.fps,
             "cfg_scale": spec.cfg_scale,
+            "eta": spec.eta,
+            "eta_until": spec.eta_until,
             "weights": weights,
             "description": spec.description,
         }
@@ -186,7 +189,8 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
             print(json.dumps(row))
         else:
             size = f"{spec.frames:3d} frames {spec.width}x{spec.height} @{spec.fps:2d} fps"
-            print(f"{spec.name:14} {size}  cfg {spec.cfg_scale:<4g} weights: {weights:14}"
+            print(f"{spec.name:14} {size}  cfg {spec.cfg_scale:<4g} eta {spec.eta:<4g}"
+                  f" weights: {weights:14}"
                   f" {spec.description}")
     return 0
 

@@ -70,6 +70,14 @@ class SamplerSettings:
     # tiny-shapes 1.0 stops objects changing shape mid-clip (docs/shapes.md, "Visible
     # defects").
     temporal_guidance: float = 0.0
+    # Share of fresh noise in each step, 0..1 (chaid/engine/sampler.py, stochastic_step):
+    # 0 integrates the ODE with Euler steps; 1 re-draws all of each step's noise. Unset:
+    # the model's own (`chaid models list`).
+    eta: float | None = None
+    # Steps at a timestep t (1000 = pure noise) at or below this are Euler steps whatever
+    # eta says: fresh noise helps lay out the clip early on and costs detail late.
+    # Unset: the model's own.
+    eta_until: float | None = None
 
 
 CACHE_ATTENTION_CHOICES = ("auto", "on", "off")
@@ -235,6 +243,11 @@ class Settings:
         check_int("sampler.steps", self.sampler.steps, 1, MAX_STEPS, ConfigError)
         check_number("sampler.temporal_guidance", self.sampler.temporal_guidance, 0.0,
                      MAX_CFG_SCALE, error=ConfigError)
+        if self.sampler.eta is not None:
+            check_number("sampler.eta", self.sampler.eta, 0.0, 1.0, error=ConfigError)
+        if self.sampler.eta_until is not None:
+            check_number("sampler.eta_until", self.sampler.eta_until, 0.0, 1000.0,
+                         error=ConfigError)
         if self.sampler.cfg_scale is not None:
             check_number("sampler.cfg_scale", self.sampler.cfg_scale, 0.0, MAX_CFG_SCALE,
                          error=ConfigError)

@@ -80,6 +80,7 @@ def test_generate_default_model_and_settings_from_environment(tmp_path):
     listed = [json.loads(line) for line in run("models", "list", "--json").stdout.splitlines()]
     shapes = next(m for m in listed if m["name"] == "tiny-shapes")
     assert shapes["cfg_scale"] == facts["cfg_scale"] and shapes["weights"] == "shipped"
+    assert shapes["eta"] == facts["eta"] == get_spec("tiny-shapes").eta  # the model's own
     assert read_video(out)[0].shape == (facts["frames"], facts["height"], facts["width"], 3)
 
 

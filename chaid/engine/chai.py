@@ -243,7 +243,7 @@ class ChaiEngine:
 
     def _repeat_key(self, request: GenerationRequest, mode: CacheMode) -> str:
         return repeat_key(request, CacheMode(mode), self.fingerprint,
-                          settings_of(self.pipeline.chai, self.pipeline.parts.numerics))
+                          settings_of(self.pipeline))
 
     def lookup_or_miss(self, request: GenerationRequest) -> LookupResult | None:
         """:meth:`lookup` for a generate: a store that cannot be read makes it a miss

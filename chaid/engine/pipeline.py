@@ -20,7 +20,15 @@ from chaid.checks import check_int, check_number
 from chaid.config import MODEL_CFG_SCALE, ChaiSettings, Settings
 from chaid.engine.cache_attention import CacheAttention, batch_plan
 from chaid.engine.intra_cache import FirstBlockCache, IntraCacheSettings, make_intra_cache
-from chaid.engine.sampler import Guidance, StepHook, euler_step, guidance_rows, run_schedule
+from chaid.engine.sampler import (
+    Guidance,
+    StepHook,
+    euler_step,
+    guidance_rows,
+    run_schedule,
+    step_noise,
+    stochastic_step,
+)
 from chaid.errors import InputError
 from chaid.limits import (
     MAX_CFG_SCALE,
@@ -209,13 +217,19 @@ def resolve_device(name: str) -> torch.device:
 class Pipeline:
     def __init__(
         self, parts: ModelParts, device: torch.device, chai: ChaiSettings | None = None,
-        temporal_guidance: float = 0.0,
+        temporal_guidance: float = 0.0, eta: float | None = None,
+        eta_until: float | None = None,
     ) -> None:
         self.parts = parts
         self.device = device
         self.chai = chai or ChaiSettings()
         # sampler.temporal_guidance: the temporal guidance scale of every run (0: off)
         self.temporal_guidance = temporal_guidance
+        # sampler.eta: the share of fresh noise in each step (sampler.stochastic_step; 0:
+        # the Euler steps of the ODE); None: the preset's
+        self.eta = parts.spec.eta if eta is None else eta
+        # sampler.eta_until: steps at t at or below it are Euler steps; None: the preset's
+        self.eta_until = parts.spec.eta_until if eta_until is None else eta_until
 
     @property
     def hit_attends(self) -> bool:
@@ -234,7 +248,9 @@ class Pipeline:
             text_after_encode=settings.model.text_after_encode,
             numerics=settings.model.numerics,
         )
-        return cls(parts, device, settings.chai, settings.sampler.temporal_guidance)
+        sampler = settings.sampler
+        return cls(parts, device, settings.chai, sampler.temporal_guidance, sampler.eta,
+                   sampler.eta_until)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Fill defaults from the preset and validate every field against the ceilings of
@@ -430,7 +446,7 @@ class Pipeline:
                               guidance_rows(first.request.cfg_scale), self.device)
         v = guidance.velocity(z, t, plan, runner)
         for row, run in enumerate(runs):
-            run.z = euler_step(run.z, v[row:row + 1], run.t, run.t_next)
+            run.z = self._advance(run, v[row:row + 1])
             run.index += 1
         self._sync()
         elapsed = (time.perf_counter() - t0) * 1000
@@ -502,6 +518,15 @@ class Pipeline:
         log.debug("generated %r in %.0f ms (%d steps)", run.request.prompt,
                   result.timings.total_ms, run.request.steps)
         return result
+
+    def _advance(self, run: Run, v: torch.Tensor) -> torch.Tensor:
+        """The run's next latent from its velocity: an Euler step, or a stochastic one
+        under ``eta`` (the last step, to t = 0, draws no noise either way)."""
+        if not self.eta or run.t_next == 0 or run.t <= self.eta_until:
+            return euler_step(run.z, v, run.t, run.t_next)
+        noise = step_noise(run.request.seed, run.step_number, tuple(run.z.shape))
+        return stochastic_step(run.z, v, run.t, run.t_next, self.eta,
+                               noise.to(self.device, run.z.dtype))
 
     def _guidance(self, text: TextEmbedding, req: GenerationRequest, height: float,
                   width: float) -> Guidance:

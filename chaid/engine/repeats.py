@@ -47,9 +47,14 @@ def repeat_key(request: GenerationRequest, mode: CacheMode, fingerprint: str,
                           ).hexdigest()[:40]
 
 
-def settings_of(chai: Any, numerics: Any) -> dict[str, Any]:
-    return {"chai": {k: v for k, v in asdict(chai).items() if k != "kernel"},
-            "numerics": str(numerics)}
+def settings_of(pipeline: Any) -> dict[str, Any]:
+    """The pipeline's settings that change a request's video: the CHAI modes (not the
+    kernel, which computes the same attention), the numerics, and the sampler's temporal
+    guidance and noise share."""
+    return {"chai": {k: v for k, v in asdict(pipeline.chai).items() if k != "kernel"},
+            "numerics": str(pipeline.parts.numerics),
+            "sampler": {"temporal_guidance": pipeline.temporal_guidance, "eta": pipeline.eta,
+                        "eta_until": pipeline.eta_until}}
 
 
 class RepeatStore:

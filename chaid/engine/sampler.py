@@ -230,3 +230,35 @@ def euler_step(z: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> tor
     """One Euler step of the flow from timestep ``t`` to ``t_next`` (t_next = 0 after the
     last of a schedule): z + v·(t - t_next)/1000."""
     return z + v * ((t - t_next) / NUM_TIMESTEPS)
+
+
+def stochastic_step(z: torch.Tensor, v: torch.Tensor, t: float, t_next: float, eta: float,
+                    noise: torch.Tensor) -> torch.Tensor:
+    """One stochastic step from ``t`` to ``t_next``: z's clean estimate x0 = z + s·v and
+    noise estimate ε = z − (1 − s)·v (s = t/1000) are mixed again at t_next, with a share
+    ``eta`` of the noise fresh: (1 − s')·x0 + s'·(√(1 − η²)·ε + η·noise).
+
+    η = 0 is the Euler step (to rounding); η = 1 keeps only the clean estimate and draws
+    all of the next step's noise afresh (ancestral sampling). Re-drawing the noise lets
+    later steps correct an estimate the earlier ones got wrong, where the ODE carries
+    the error along (docs/shapes.md: on tiny-shapes it stops most bounce jumps and extra
+    objects). ``noise`` is standard normal, shaped like z; at t_next = 0 it has no effect.
+    """
+    s, s_next = t / NUM_TIMESTEPS, t_next / NUM_TIMESTEPS
+    x0 = z + s * v
+    eps = z - (1 - s) * v
+    return (1 - s_next) * x0 + s_next * (math.sqrt(1 - eta * eta) * eps + eta * noise)
+
+
+def step_noise(seed: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The fresh noise of step ``step`` (1-based) of a run with ``seed``: drawn on the CPU
+    from the two alone, so a run draws the same noise on every device, batched or alone,
+    and a run continued from a stored latent at step k draws what the whole run drew from
+    k on."""
+    gen = torch.Generator(device="cpu").manual_seed(
+        (seed * STEP_NOISE_STRIDE + step) % (2**63))
+    return torch.randn(shape, generator=gen)
+
+
+# Separates the step-noise seeds of one run from the next seed's (runs have < 10^6 steps).
+STEP_NOISE_STRIDE = 1_000_003

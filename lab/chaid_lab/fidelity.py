@@ -203,9 +203,13 @@ def per_video(video: np.ndarray, truth: np.ndarray, full: np.ndarray | None) -> 
 
 # Object tracking of lab/chaid_lab/shapes/defects.py: a pixel is foreground when its RGB
 # differs from the clip's per-pixel temporal median (the background, since objects move) by
-# more than TRACK_DIFF in sum; foreground blobs under TRACK_MIN_AREA pixels are texture.
+# more than TRACK_DIFF in sum; foreground blobs under TRACK_MIN_AREA pixels are texture,
+# and so are blobs thinner than TRACK_MIN_SIDE pixels (the bounding box's short side): a
+# wave crest or a dune's edge that moves or flickers, where the smallest object is 14 px
+# across.
 TRACK_DIFF = 60
 TRACK_MIN_AREA = 40
+TRACK_MIN_SIDE = 6
 
 
 def largest_blob_jump(video: np.ndarray) -> float:
@@ -224,6 +228,9 @@ def largest_blob_jump(video: np.ndarray) -> float:
             centres.append(None)
             continue
         areas = ndimage.sum(mask, labels, range(1, count + 1))
+        for i, box in enumerate(ndimage.find_objects(labels)):
+            if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < TRACK_MIN_SIDE:
+                areas[i] = 0  # a stripe of texture
         best = int(np.argmax(areas))
         centres.append(ndimage.center_of_mass(mask, labels, best + 1)
                        if areas[best] >= TRACK_MIN_AREA else None)

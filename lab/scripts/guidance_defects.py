@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from chaid.engine.pipeline import GenerationRequest, Pipeline
-from chaid.engine.sampler import Guidance, euler_step
+from chaid.engine.sampler import Guidance, euler_step, schedule
 from chaid.models import build_parts
 from chaid_lab.shapes import defects
 from chaid_lab.shapes.judge import load_judge
@@ -42,6 +44,15 @@ def identity_in(kind_skipped: str, blocks: set[int]):
     return lambda kind, index: attend if kind == kind_skipped and index in blocks else None
 
 
+def churn_step(z, v, t, t_next, eta, gen):
+    """A stochastic step: the clean and noise estimates of z, re-mixed at t_next with a
+    share eta of fresh noise (eta 0 is the Euler step)."""
+    s, s_next = t / 1000, t_next / 1000
+    x0, eps = z + s * v, z - (1 - s) * v
+    fresh = torch.randn(z.shape, generator=gen)
+    return (1 - s_next) * x0 + s_next * ((1 - eta**2) ** 0.5 * eps + eta * fresh)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--temporal", type=float, default=0.0, help="temporal guidance scale")
@@ -51,8 +62,16 @@ def main() -> None:
     ap.add_argument("--weak", type=Path, help="the weak DiT's weights (autoguidance)")
     ap.add_argument("--early-cfg", type=float, help="guidance scale while t > --until")
     ap.add_argument("--until", type=float, default=800.0, help="see --early-cfg (800)")
+    ap.add_argument("--churn", type=float, default=0.0,
+                    help="share of fresh noise in each step's re-noised estimate (0: the ODE)")
+    ap.add_argument("--churn-until", type=float, default=0.0,
+                    help="the stochastic steps run while t > this, Euler steps below (0)")
+    ap.add_argument("--checks", default=",".join(defects.PROMPTS), help="checks to run")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--shift", type=float, help="the schedule's ratio r (the preset's: 2)")
     ap.add_argument("--seeds", type=int, default=defects.DEFAULT_SEEDS)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--frames", type=Path, help="save each video here (.npy)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = Pipeline(build_parts("tiny-shapes"), torch.device("cpu"))
@@ -63,16 +82,20 @@ def main() -> None:
     judge = load_judge()
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     t0 = time.perf_counter()
-    for check, prompts in defects.PROMPTS.items():
-        flags = []
+    for check in args.checks.split(","):
+        prompts = defects.PROMPTS[check]
+        flags, readings = [], []
         for prompt in prompts:
             for seed in range(args.seeds):
-                run = pipe.start(GenerationRequest(prompt, seed=seed, steps=30))
+                run = pipe.start(GenerationRequest(prompt, seed=seed, steps=args.steps))
+                if args.shift:
+                    run.timesteps = schedule(args.steps, args.shift)
                 size = (run.request.fps, run.guidance.height, run.guidance.width)
                 cond = Guidance(pipe.parts.dit, run.text, None, *size)
                 weak_cond = Guidance(weak, run.text, None, *size) if weak else None
                 early = (Guidance(pipe.parts.dit, run.text, args.early_cfg, *size)
                          if args.early_cfg is not None else None)
+                noise = torch.Generator().manual_seed(seed)
                 with torch.inference_mode():
                     while not run.done:
                         guide = early if early is not None and run.t > args.until \
@@ -87,13 +110,22 @@ def main() -> None:
                                                                            spatial_plan))
                         if weak_cond is not None:
                             v = v + args.autoguide * (v_cond - weak_cond.velocity(run.z, run.t))
-                        run.z = euler_step(run.z, v, run.t, run.t_next)
+                        if args.churn and run.t > args.churn_until:
+                            run.z = churn_step(run.z, v, run.t, run.t_next, args.churn, noise)
+                        else:
+                            run.z = euler_step(run.z, v, run.t, run.t_next)
                         run.index += 1
                 video = pipe.finish(run).video
-                flags.append(defects.flagged(check, defects.measure(video, prompt, judge)))
+                reading = defects.measure(video, prompt, judge)
+                flags.append(defects.flagged(check, reading))
+                readings.append(reading)
+                if args.frames:
+                    args.frames.mkdir(parents=True, exist_ok=True)
+                    np.save(args.frames / f"{check}-{prompts.index(prompt)}-{seed}.npy", video)
         report[check] = {"rate": sum(flags) / len(flags),
                          "per_prompt": [sum(flags[i * args.seeds:(i + 1) * args.seeds])
-                                        for i in range(len(prompts))]}
+                                        for i in range(len(prompts))],
+                         "readings": [asdict(r) for r in readings]}
         print(check, report[check], f"{time.perf_counter() - t0:.0f} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -133,6 +133,15 @@ def test_step_curve_runs_reports_and_resumes(tmp_path, one_thread):
     # rows of another configuration are never mixed into a report
     with pytest.raises(ChaidError, match="another configuration"):
         run(dataclasses.replace(cfg, cfg_scale=7.5), tmp_path, (0, 1))
+    with pytest.raises(ChaidError, match="another configuration"):
+        run(dataclasses.replace(cfg, eta=1.0), tmp_path, (0, 1))
+    # the configuration names the sampler the rows used (tiny-test's: the ODE); rows saved
+    # before it did were sampled with the ODE
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["eta"], saved["eta_until"]) == (0.0, 0.0)
+    del saved["eta"], saved["eta_until"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert run(dataclasses.replace(cfg, eta=0.0), tmp_path, (0, 1))["pairs"] == 4
 
 
 def test_t_matched_feeds_the_nearest_noise_level():
@@ -171,16 +180,31 @@ def test_blob_jump_sees_a_teleport_and_not_a_glide():
     assert flagged("extra_object", calm)
 
 
-def test_the_defects_table_carries_the_temporal_guidance_column():
+def test_blob_jump_ignores_a_flickering_stripe_of_texture():
+    glide = _square_clip([4 + 3 * f for f in range(16)])
+    # a wave crest far below the square lights up in one frame, wider than the square is big
+    glide[8, 54:58, 4:60] = 250
+    assert fidelity.largest_blob_jump(glide) == pytest.approx(3.0, abs=0.5)
+    # an object on the crest makes the blob object-sized: that is a jump
+    glide[8, 50:60, 20:30] = 250
+    assert fidelity.largest_blob_jump(glide) > 20
+
+
+def test_the_defects_table_carries_a_column_per_variant():
     from chaid_lab.shapes.defects import format_table
 
     def checks(rate):
         return {"jump": {"videos": 40, "rate": rate, "truth_rate": 0.0, "vae_rate": 0.025,
                          "flagged_by_prompt": {"a": 9, "b": 11}}}
 
-    report = {"seeds": 10, "steps": 30, "checks": checks(0.5)}
+    report = {"seeds": 10, "steps": 30, "checks": checks(0.5),
+              "sampler": {"eta": 1.0, "eta_until": 600.0, "temporal_guidance": 0.0}}
     assert "temporal guidance" not in format_table(report)
-    report["temporal_guidance"] = {"scale": 0.5, "checks": checks(0.25)}
+    assert format_table(report).startswith("Visible defects, 10 seeds per prompt, 30 steps,"
+                                           " eta 1 while t > 600")
+    report["variants"] = [{"label": "the ODE", "checks": checks(0.25)},
+                          {"label": "the ODE, temporal guidance 0.5", "checks": checks(0.125)}]
     header, rule, row = format_table(report).splitlines()[2:5]
-    assert header.endswith("model, temporal guidance 0.5 |") and rule.count("|") == 8
-    assert row == "| jump | 40 | 50% | 0% | 2% | 9, 11 | 25% |"
+    assert header.endswith("model, the ODE | model, the ODE, temporal guidance 0.5 |")
+    assert rule.count("|") == 9
+    assert row == "| jump | 40 | 50% | 0% | 2% | 9, 11 | 25% | 12% |"

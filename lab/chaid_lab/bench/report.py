@@ -110,21 +110,27 @@ def _regime(cfg: ReportConfig) -> dict:
 
 
 def _defects(cfg: ReportConfig) -> dict:
-    """The visible defects of the model (chaid_lab.shapes.defects): 10 seeds per prompt."""
+    """The visible defects of the model (chaid_lab.shapes.defects): 10 seeds per prompt,
+    with the preset's sampler and beside it the ODE's (where the preset samples another
+    way) and the ODE's with the temporal guidance that stops the shape changes there."""
     from chaid.engine.pipeline import Pipeline
     from chaid.models import build_parts
     from chaid_lab.shapes import defects
 
     seeds = 1 if cfg.quick else defects.DEFAULT_SEEDS
     parts = build_parts(cfg.model)
-    report = defects.run(Pipeline(parts, torch.device("cpu")), seeds=seeds)
-    # and with the temporal guidance that stops the shape changes (off by default)
+    cpu = torch.device("cpu")
+    report = defects.run(Pipeline(parts, cpu), seeds=seeds)
     scale = defects.TEMPORAL_GUIDANCE
-    guided = defects.run(Pipeline(parts, torch.device("cpu"), temporal_guidance=scale),
-                         seeds=seeds)
-    report["temporal_guidance"] = {"scale": scale, "checks": guided["checks"],
-                                   "seconds": guided["seconds"]}
-    for part in (report, report["temporal_guidance"]):
+    others = [("the ODE", Pipeline(parts, cpu, eta=0.0))] if parts.spec.eta else []
+    others.append((f"the ODE, temporal guidance {scale}",
+                   Pipeline(parts, cpu, temporal_guidance=scale, eta=0.0)))
+    report["variants"] = []
+    for label, pipeline in others:
+        other = defects.run(pipeline, seeds=seeds)
+        report["variants"].append({"label": label, "sampler": other["sampler"],
+                                   "checks": other["checks"], "seconds": other["seconds"]})
+    for part in (report, *report["variants"]):
         for check in part["checks"].values():  # the readings stay in the part's own runs
             check.pop("rows")
     return report

@@ -87,6 +87,9 @@ class StepCurveConfig:
     # Cache methods beside plain-N: "chai" (the paper's step-index feed) and "chai-t" (the
     # nearest noise level's latent).
     variants: tuple[str, ...] = ("chai",)
+    # sampler.eta and sampler.eta_until of every run (None: the preset's)
+    eta: float | None = None
+    eta_until: float | None = None
 
 
 def chai_at(chai: ChaiSettings, steps: int) -> ChaiSettings:
@@ -141,8 +144,10 @@ class StepCurve:
         self.cfg = cfg
         device = resolve_device(cfg.device)
         parts = build_parts(cfg.model, cfg.weights, device=device)
-        self.full = Pipeline(parts, device, cfg.chai)
-        self.fast = {n: Pipeline(parts, device, chai_at(cfg.chai, n)) for n in cfg.steps}
+        sampler = {"eta": cfg.eta, "eta_until": cfg.eta_until}
+        self.full = Pipeline(parts, device, cfg.chai, **sampler)
+        self.fast = {n: Pipeline(parts, device, chai_at(cfg.chai, n), **sampler)
+                     for n in cfg.steps}
         self.base = self.full.resolve(GenerationRequest("a red circle", cfg_scale=cfg.cfg_scale))
         self.pairs = entity_sharing_pairs(cfg.pairs, cfg.seed)
         self.judge = load_judge()
@@ -152,7 +157,7 @@ class StepCurve:
         # One pipeline per step count and variant: they share the model parts.
         self.variant_pipes = {
             (n, kind): Pipeline(parts, device, chai_at(
-                dataclasses.replace(cfg.chai, **VARIANTS[kind][1]), n))
+                dataclasses.replace(cfg.chai, **VARIANTS[kind][1]), n), **sampler)
             for n in cfg.steps for kind in cfg.variants}
         from chaid.engine.sampler import transform_ratio
 
@@ -248,7 +253,8 @@ def run(cfg: StepCurveConfig, out: Path, shard: tuple[int, int] = (0, 1)) -> dic
     config = json.loads(json.dumps(_config_dict(cfg)))  # as it reads back
     done = read_rows(out)
     saved = out / "config.json"
-    if done and saved.is_file() and json.loads(saved.read_text()) != config:
+    if done and saved.is_file() and {**_CONFIG_BEFORE, **json.loads(saved.read_text())
+                                     } != config:
         raise ChaidError(f"{out} holds pairs of another configuration ({saved});"
                          " choose another --out or remove that directory")
     saved.write_text(json.dumps(config, indent=2))
@@ -275,7 +281,17 @@ def _config_dict(cfg: StepCurveConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     out["steps"] = list(cfg.steps)
     out["variants"] = list(cfg.variants)
+    from chaid.models import get_spec
+
+    spec = get_spec(cfg.model)
+    for key in ("eta", "eta_until"):  # the sampler the runs use: unset is the preset's
+        if out[key] is None:
+            out[key] = getattr(spec, key)
     return out
+
+
+# Rows written before the configuration named the sampler were sampled with the ODE.
+_CONFIG_BEFORE = {"eta": 0.0, "eta_until": 0.0}
 
 
 # -- the report ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from chaid.checks import check_int
+from chaid.checks import check_int, check_number
 from chaid.errors import ChaidError
 from chaid_lab.cli_args import int_list
 
@@ -115,10 +115,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--temporal-guidance", type=float, default=0.0,
                     help="temporal guidance scale (sampler.temporal_guidance; default 0: off)")
+    ev.add_argument("--eta", type=float,
+                    help="share of fresh noise per step (sampler.eta; default: the model's)")
+    ev.add_argument("--eta-until", type=float,
+                    help="steps at t at or below this are Euler steps (sampler.eta_until;"
+                         " default: the model's)")
     ev.add_argument("--model", default="tiny-shapes", help="model preset (default: tiny-shapes)")
     ev.add_argument("--weights", type=Path, help="DiT weights (default: the preset's)")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ev.add_argument("--json", type=Path, help="write the report here")
+    ev.add_argument("--against", type=Path,
+                    help="an earlier --json report of the same items: print the paired"
+                         " differences (this minus it) with 95%% intervals")
     ev.add_argument("--plot", type=Path, help="write the judge-vs-steps plot here (PNG)")
     ev.add_argument(
         "--sheet", type=Path, help="write a contact sheet of sample frames here (PNG)"
@@ -146,6 +154,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     defects.add_argument("--temporal-guidance", type=float, default=0.0,
                          help="temporal guidance scale (sampler.temporal_guidance; default 0:"
                               " off)")
+    defects.add_argument("--eta", type=float,
+                         help="share of fresh noise per step (sampler.eta; default: the"
+                              " model's)")
+    defects.add_argument("--eta-until", type=float,
+                         help="steps at t at or below this are Euler steps"
+                              " (sampler.eta_until; default: the model's)")
     defects.add_argument("--checks", default="jump,extra_object,shape_change",
                          help="which checks (default: all three)")
     defects.add_argument("--model", default="tiny-shapes",
@@ -222,6 +236,18 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_sampler_args(args: argparse.Namespace) -> None:
+    """--temporal-guidance and --eta within the bounds the daemon's settings allow."""
+    from chaid.config import MAX_CFG_SCALE
+
+    check_number("--temporal-guidance", args.temporal_guidance, 0.0, MAX_CFG_SCALE,
+                 error=ChaidError)
+    if args.eta is not None:
+        check_number("--eta", args.eta, 0.0, 1.0, error=ChaidError)
+    if args.eta_until is not None:
+        check_number("--eta-until", args.eta_until, 0.0, 1000.0, error=ChaidError)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from chaid.config import MAX_STEPS, MODEL_CFG_SCALE
 
@@ -232,6 +258,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.stride < 1:
         raise ChaidError("--stride must be at least 1")
     check_int("--threads", args.threads, 1, 256, ChaidError)
+    check_sampler_args(args)
+    base = None
+    if args.against is not None:  # read before the long run, not after it
+        try:
+            base = json.loads(args.against.read_text())
+            base["rows"], base["steps"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ChaidError(f"--against {args.against}: not an eval report ({e})") from None
     import torch
 
     from chaid.engine.pipeline import Pipeline
@@ -246,10 +280,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     chosen = {item.index for item in items}
     keep = [i for i in sheet_items if i in chosen] if args.sheet else []
     pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"),
-                        temporal_guidance=args.temporal_guidance)
+                        temporal_guidance=args.temporal_guidance, eta=args.eta,
+                        eta_until=args.eta_until)
     scale = MODEL_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     report = suite.evaluate_steps(pipeline, items, steps, keep_videos=keep, cfg_scale=scale)
     report["model"] = args.model
+    report["sampler"] = {"temporal_guidance": pipeline.temporal_guidance, "eta": pipeline.eta,
+                         "eta_until": pipeline.eta_until}
+    if base is not None:
+        try:
+            report["against"] = {"base": str(args.against), **suite.paired_against(report, base)}
+        except ValueError as e:
+            raise ChaidError(f"--against {args.against}: {e}") from None
     if args.weights is not None:
         report["weights"] = str(args.weights)
     if args.plot:
@@ -263,6 +305,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
     print(suite.format_table(report))
+    if "against" in report:
+        print(suite.format_against(report["against"]))
     return 0
 
 
@@ -272,6 +316,7 @@ def _cmd_defects(args: argparse.Namespace) -> int:
 
     check_int("--seeds", args.seeds, 1, 1000, ChaidError)
     check_int("--threads", args.threads, 1, 256, ChaidError)
+    check_sampler_args(args)
     if args.steps is not None:
         check_int("--steps", args.steps, 1, MAX_STEPS, ChaidError)
     checks = tuple(c for c in args.checks.split(",") if c)
@@ -286,7 +331,8 @@ def _cmd_defects(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     logging.getLogger("chaid_lab.shapes").setLevel(logging.INFO)
     pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"),
-                        temporal_guidance=args.temporal_guidance)
+                        temporal_guidance=args.temporal_guidance, eta=args.eta,
+                        eta_until=args.eta_until)
     report = defects.run(pipeline, args.seeds, args.steps, args.cfg_scale, checks)
     report["model"] = args.model
     if args.weights is not None:

@@ -135,7 +135,9 @@ def run(pipeline: Any, seeds: int = DEFAULT_SEEDS, steps: int | None = None,
     judge = load_judge()
     steps = steps or pipeline.chai.full_steps
     scale = MODEL_CFG_SCALE if cfg_scale is None else cfg_scale
-    report: dict[str, Any] = {"seeds": seeds, "steps": steps, "checks": {}}
+    report: dict[str, Any] = {"seeds": seeds, "steps": steps, "checks": {},
+                              "sampler": {"eta": pipeline.eta, "eta_until": pipeline.eta_until,
+                                          "temporal_guidance": pipeline.temporal_guidance}}
     t0 = time.perf_counter()
     for check in checks:
         rows = []
@@ -169,18 +171,20 @@ def run(pipeline: Any, seeds: int = DEFAULT_SEEDS, steps: int | None = None,
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The report as a Markdown table; a ``temporal_guidance`` sub-report (the same checks
-    with that guidance on) adds its column."""
-    guided = report.get("temporal_guidance")
-    extra = f" model, temporal guidance {guided['scale']} |" if guided else ""
-    lines = [f"Visible defects, {report['seeds']} seeds per prompt, {report['steps']} steps",
+    """The report as a Markdown table; each of its ``variants`` (the same checks under
+    another sampler: ``label``, ``checks``) adds a column."""
+    variants = report.get("variants", [])
+    sampler = report.get("sampler")
+    how = (f", eta {sampler['eta']:g} while t > {sampler['eta_until']:g}"
+           if sampler and sampler["eta"] else "")
+    extra = "".join(f" model, {v['label']} |" for v in variants)
+    lines = [f"Visible defects, {report['seeds']} seeds per prompt, {report['steps']} steps{how}",
              "", "| check | videos | flagged: model | true renders | their VAE round trips |"
-             f" model, per prompt |{extra}", "|---|---|---|---|---|---|" + "---|" * bool(guided)]
+             f" model, per prompt |{extra}", "|---|---|---|---|---|---|" + "---|" * len(variants)]
     for check, r in report["checks"].items():
         per = ", ".join(str(n) for n in r["flagged_by_prompt"].values())
         row = (f"| {check} | {r['videos']} | {r['rate']:.0%} | {r['truth_rate']:.0%} |"
                f" {r['vae_rate']:.0%} | {per} |")
-        if guided:
-            row += f" {guided['checks'][check]['rate']:.0%} |"
+        row += "".join(f" {v['checks'][check]['rate']:.0%} |" for v in variants)
         lines.append(row)
     return "\n".join(lines)

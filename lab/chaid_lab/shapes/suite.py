@@ -236,6 +236,49 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+PAIRED_ATTRIBUTES = ("num_objects", "shape", "colour", "motion")
+
+
+def paired_against(report: dict, base: dict) -> dict:
+    """``report`` against ``base`` (two evaluations of the same suite items, e.g. a sampler
+    option on and off), item by item: per step count both ran, the paired mean difference
+    of the judge score and of each attribute with its 95% bootstrap interval
+    (:func:`chaid_lab.stats.paired_difference`). ValueError when they share no item."""
+    from chaid_lab.stats import paired_difference
+
+    ours = {row["index"]: row for row in report["rows"]}
+    theirs = {row["index"]: row for row in base["rows"]}
+    shared = sorted(ours.keys() & theirs.keys())
+    if not shared:
+        raise ValueError("the two evaluations share no suite item")
+    out: dict = {"items": len(shared), "steps": {}}
+    for steps in sorted(set(report["steps"]) & set(base["steps"])):
+        key = str(steps)
+        a = [ours[i][key] for i in shared]
+        b = [theirs[i][key] for i in shared]
+        diffs = {"judge": paired_difference([r["overall"] for r in a],
+                                            [r["overall"] for r in b]).as_dict()}
+        for name in PAIRED_ATTRIBUTES:
+            diffs[name] = paired_difference(
+                [r["attributes"].get(name, np.nan) for r in a],
+                [r["attributes"].get(name, np.nan) for r in b]).as_dict()
+        out["steps"][key] = diffs
+    return out
+
+
+def format_against(paired: dict) -> str:
+    """:func:`paired_against` as lines: per step count, each metric's difference."""
+    from chaid_lab.stats import format_diff
+
+    lines = [f"paired against the base evaluation ({paired['items']} items, this minus base):"]
+    for steps, diffs in paired["steps"].items():
+        lines.append(f"{steps:>5} steps  " + "  ".join(
+            f"{name} {format_diff(d)}" for name, d in diffs.items() if name == "judge"))
+        lines.extend(f"{'':>13}{name} {format_diff(d)}" for name, d in diffs.items()
+                     if name != "judge")
+    return "\n".join(lines)
+
+
 def _require_matplotlib():
     try:
         import matplotlib
