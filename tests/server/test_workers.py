@@ -104,7 +104,7 @@ def test_a_batching_worker_drains_and_then_cancels_its_batch_on_sigterm(tmp_path
     # Two jobs share the batch when SIGTERM arrives: a short one finishes within the grace
     # period, the long one is cancelled at its end with `shutting_down`; the daemon exits 0.
     daemon = Daemon(tmp_path / "d",
-                    config="[server]\nmax_batch = 2\ngrace_period_s = 6\n").start()
+                    config="[server]\nmax_batch = 2\ngrace_period_s = 4\n").start()
     outcomes: dict[str, object] = {}
 
     def one(name: str, steps: int) -> None:
@@ -115,7 +115,7 @@ def test_a_batching_worker_drains_and_then_cancels_its_batch_on_sigterm(tmp_path
         except RpcError as exc:
             outcomes[name] = exc.code
 
-    threads = [threading.Thread(target=one, args=("short", 30)),
+    threads = [threading.Thread(target=one, args=("short", 10)),
                threading.Thread(target=one, args=("long", 200))]
     try:
         for t in threads:
@@ -132,4 +132,4 @@ def test_a_batching_worker_drains_and_then_cancels_its_batch_on_sigterm(tmp_path
         assert daemon.proc.wait(60) == 0, daemon.log()
     finally:
         daemon.kill()
-    assert outcomes == {"short": 30, "long": "shutting_down"}, outcomes
+    assert outcomes == {"short": 10, "long": "shutting_down"}, outcomes
