@@ -67,8 +67,8 @@ class SamplerSettings:
     # Temporal guidance (chaid/engine/sampler.py, Guidance): each step is also pushed away
     # from what the model draws with its temporal attention off, by this much. 0 turns it
     # off; it costs one more model row per request and step (1.5x a guided step). On
-    # tiny-shapes 1.0 stops objects changing shape mid-clip (docs/shapes.md, "Visible
-    # defects").
+    # tiny-shapes sampled with the ODE (eta = 0) 1.0 stops objects changing shape mid-clip
+    # (docs/shapes.md, "Visible defects").
     temporal_guidance: float = 0.0
     # Share of fresh noise in each step, 0..1 (chaid/engine/sampler.py, stochastic_step):
     # 0 integrates the ODE with Euler steps; 1 re-draws all of each step's noise. Unset:

@@ -43,7 +43,7 @@ DEFAULT_SEEDS = 10
 SHAPE_HELD = 0.7
 SHAPE_LOST = 0.3
 # The temporal guidance (sampler.temporal_guidance) the report also measures: the scale
-# that stops most shape changes with the suite's judge tied (docs/shapes.md).
+# that stops most shape changes under the ODE with the suite's judge tied (docs/shapes.md).
 TEMPORAL_GUIDANCE = 0.5
 
 # The prompts of each check. The one-object prompts include the two a first look at seed 0
