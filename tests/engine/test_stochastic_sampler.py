@@ -66,14 +66,31 @@ def test_runs_are_reproducible_and_differ_from_the_ode(parts):
     assert Pipeline(parts, torch.device("cpu")).eta == parts.spec.eta
 
 
-def test_batched_runs_draw_what_they_draw_alone(parts):
-    pipe = Pipeline(parts, torch.device("cpu"), eta=0.7, eta_until=300.0)
-    requests = [GenerationRequest("a green square moving up", seed=1, steps=6),
-                GenerationRequest("a blue triangle moving down", seed=2, steps=4)]
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="batching on a GPU needs a CUDA device")]),
+])
+def test_batched_runs_draw_what_they_draw_alone(device, monkeypatch):
+    # a capturing miss, a Cache Attention hit and a shorter plain run in one batch, each
+    # drawing its own step noise (on the CPU, whatever the device)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    dev = torch.device(device)
+    parts = build_parts("tiny-test", device=dev)
+    randomize_(parts.dit, seed=23)
+    pipe = Pipeline(parts, dev, eta=0.7, eta_until=300.0)
+    entry = pipe.full("a red circle rolling right", seed=9).captured
+    requests = [GenerationRequest("a green square moving up", seed=1, steps=12,
+                                  capture_steps=(2, 3, 4)),
+                GenerationRequest("a blue square bouncing", seed=2, steps=8,
+                                  cache_latents=entry),
+                GenerationRequest("a blue triangle moving down", seed=3, steps=4)]
     batched = pipe.generate_batch(requests)
     for got, request in zip(batched, requests, strict=True):
         alone = pipe.generate(request)
         assert (got.latent - alone.latent).abs().max().item() <= 1e-4
+        for k in alone.captured:
+            assert (got.captured[k] - alone.captured[k]).abs().max().item() <= 1e-4
 
 
 def test_a_continued_run_draws_what_the_whole_run_drew(parts):
