@@ -232,6 +232,13 @@ class Pipeline:
         self.eta_until = parts.spec.eta_until if eta_until is None else eta_until
 
     @property
+    def sampler(self) -> dict[str, float]:
+        """The sampler settings every run of this pipeline takes (``[sampler]`` besides
+        steps and guidance, which a request carries)."""
+        return {"temporal_guidance": self.temporal_guidance, "eta": self.eta,
+                "eta_until": self.eta_until}
+
+    @property
     def hit_attends(self) -> bool:
         """Whether a hit's fast steps run Cache Attention (``chai.cache_attention``)."""
         return hit_attends(self.chai, self.parts.spec.cache_attention)

@@ -53,8 +53,7 @@ def settings_of(pipeline: Any) -> dict[str, Any]:
     guidance and noise share."""
     return {"chai": {k: v for k, v in asdict(pipeline.chai).items() if k != "kernel"},
             "numerics": str(pipeline.parts.numerics),
-            "sampler": {"temporal_guidance": pipeline.temporal_guidance, "eta": pipeline.eta,
-                        "eta_until": pipeline.eta_until}}
+            "sampler": pipeline.sampler}
 
 
 class RepeatStore:

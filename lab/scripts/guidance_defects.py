@@ -1,9 +1,9 @@
-"""The visible defects of tiny-shapes under guidance rules the product does not offer.
+"""The visible defects of tiny-shapes under sampling rules the product does not offer.
 
-docs/shapes.md ("What sampling can and cannot do") records what these gave; the rules the
-product does offer (classifier-free and temporal guidance, steps) run through
-``chaid-lab shapes defects`` instead. Two rules, on top of the preset's classifier-free
-guidance, at 30 steps, over the defect checks' prompts and 10 seeds:
+docs/shapes.md ("What guidance can and cannot do", "Stochastic steps") records what these
+gave; the rules the product does offer (classifier-free and temporal guidance, stochastic
+steps, step counts) run through ``chaid-lab shapes defects`` instead. On top of the
+preset's classifier-free guidance, over the defect checks' prompts and 10 seeds:
 
 * ``--temporal S --blocks 0,1``: temporal guidance with the identity in only some temporal
   blocks (the product's ``sampler.temporal_guidance`` uses every block);
@@ -13,10 +13,14 @@ guidance, at 30 steps, over the defect checks' prompts and 10 seeds:
 * ``--spatial S --blocks B``: the same with the identity in the spatial self-attention of
   blocks B instead (each token attends to itself only within its frame);
 * ``--early-cfg G --until T``: classifier-free guidance G while t > T (the steps that lay
-  out the clip), the preset's below.
+  out the clip), the preset's below;
+* ``--churn η --churn-until T``: stochastic steps (``sampler.stochastic_step``) while
+  t > T, with fresh noise from one generator per video (the product draws it per step);
+* ``--steps N`` (30), ``--shift r`` (the schedule's ratio), ``--checks``, ``--frames DIR``
+  (each video saved as .npy).
 
     python lab/scripts/guidance_defects.py --temporal 1 --blocks 0,1 --json out/g.json
-"""
+    python lab/scripts/guidance_defects.py --churn 1 --churn-until 600 --checks jump"""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from chaid.engine.pipeline import GenerationRequest, Pipeline
-from chaid.engine.sampler import Guidance, euler_step, schedule
+from chaid.engine.sampler import Guidance, euler_step, schedule, stochastic_step
 from chaid.models import build_parts
 from chaid_lab.shapes import defects
 from chaid_lab.shapes.judge import load_judge
@@ -42,15 +46,6 @@ def identity_in(kind_skipped: str, blocks: set[int]):
         return block.attn.project_out(v)
 
     return lambda kind, index: attend if kind == kind_skipped and index in blocks else None
-
-
-def churn_step(z, v, t, t_next, eta, gen):
-    """A stochastic step: the clean and noise estimates of z, re-mixed at t_next with a
-    share eta of fresh noise (eta 0 is the Euler step)."""
-    s, s_next = t / 1000, t_next / 1000
-    x0, eps = z + s * v, z - (1 - s) * v
-    fresh = torch.randn(z.shape, generator=gen)
-    return (1 - s_next) * x0 + s_next * ((1 - eta**2) ** 0.5 * eps + eta * fresh)
 
 
 def main() -> None:
@@ -111,7 +106,9 @@ def main() -> None:
                         if weak_cond is not None:
                             v = v + args.autoguide * (v_cond - weak_cond.velocity(run.z, run.t))
                         if args.churn and run.t > args.churn_until:
-                            run.z = churn_step(run.z, v, run.t, run.t_next, args.churn, noise)
+                            fresh = torch.randn(run.z.shape, generator=noise)
+                            run.z = stochastic_step(run.z, v, run.t, run.t_next, args.churn,
+                                                    fresh)
                         else:
                             run.z = euler_step(run.z, v, run.t, run.t_next)
                         run.index += 1

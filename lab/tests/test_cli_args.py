@@ -1,12 +1,27 @@
 """Shared command-line argument parsing, and the tools that use it failing cleanly."""
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
 from chaid.errors import ChaidError
-from chaid_lab.cli_args import int_list
+from chaid_lab.cli_args import add_sampler_args, int_list, sampler_args
+
+
+def test_sampler_flags_are_checked_by_the_settings_rules():
+    full, plain = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_sampler_args(full)
+    add_sampler_args(plain, temporal_guidance=False)
+    assert sampler_args(full.parse_args(["--eta", "1", "--eta-until", "600"])) == {
+        "eta": 1.0, "eta_until": 600.0, "temporal_guidance": 0.0}
+    assert sampler_args(plain.parse_args([])) == {"eta": None, "eta_until": None}
+    for argv, message in [(["--eta", "1.5"], "sampler.eta must be in"),
+                          (["--eta-until", "-1"], "sampler.eta_until must be in"),
+                          (["--temporal-guidance", "nan"], "sampler.temporal_guidance")]:
+        with pytest.raises(ChaidError, match=message):
+            sampler_args(full.parse_args(argv))
 
 
 def test_int_list_parses_and_bounds():

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from chaid.store.settings import EMBEDDERS, StoreSettings
-from chaid_lab.cli_args import int_list
+from chaid_lab.cli_args import add_sampler_args, int_list, sampler_args
 
 
 def register_bench_quality(bench_sub: argparse._SubParsersAction) -> None:
@@ -243,11 +243,7 @@ def _register_bench_steps(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg-scale", type=float,
                    help="classifier-free guidance scale of every run (default: the model's)")
-    p.add_argument("--eta", type=float,
-                   help="share of fresh noise per step of every run (sampler.eta; default:"
-                        " the model's)")
-    p.add_argument("--eta-until", type=float,
-                   help="steps at t at or below this are Euler steps (sampler.eta_until)")
+    add_sampler_args(p, temporal_guidance=False)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=_cmd_bench_steps)
 
@@ -275,13 +271,8 @@ def _cmd_bench_steps(args: argparse.Namespace) -> int:
     variants = tuple(v for v in args.variants.split(",") if v)
     if args.cfg_scale is not None:
         check_number("--cfg-scale", args.cfg_scale, 0.0, MAX_CFG_SCALE, error=ChaidError)
-    if args.eta is not None:
-        check_number("--eta", args.eta, 0.0, 1.0, error=ChaidError)
-    if args.eta_until is not None:
-        check_number("--eta-until", args.eta_until, 0.0, 1000.0, error=ChaidError)
     cfg = StepCurveConfig(model=args.model, weights=args.weights, pairs=pairs, steps=steps,
-                          seed=args.seed, variants=variants, eta=args.eta,
-                          eta_until=args.eta_until,
+                          seed=args.seed, variants=variants, **sampler_args(args),
                           cfg_scale=MODEL_CFG_SCALE if args.cfg_scale is None
                           else args.cfg_scale)
     report = run(cfg, args.out, (k, n))

@@ -15,9 +15,9 @@ import json
 import logging
 from pathlib import Path
 
-from chaid.checks import check_int, check_number
+from chaid.checks import check_int
 from chaid.errors import ChaidError
-from chaid_lab.cli_args import int_list
+from chaid_lab.cli_args import add_sampler_args, int_list, sampler_args
 
 # Training target → module that trains it. Each exposes
 # ``cli_train(out: Path | None, seed: int, steps: int | None) -> dict`` (a JSON-able report;
@@ -113,13 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)"
     )
-    ev.add_argument("--temporal-guidance", type=float, default=0.0,
-                    help="temporal guidance scale (sampler.temporal_guidance; default 0: off)")
-    ev.add_argument("--eta", type=float,
-                    help="share of fresh noise per step (sampler.eta; default: the model's)")
-    ev.add_argument("--eta-until", type=float,
-                    help="steps at t at or below this are Euler steps (sampler.eta_until;"
-                         " default: the model's)")
+    add_sampler_args(ev)
     ev.add_argument("--model", default="tiny-shapes", help="model preset (default: tiny-shapes)")
     ev.add_argument("--weights", type=Path, help="DiT weights (default: the preset's)")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -151,15 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     defects.add_argument(
         "--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)"
     )
-    defects.add_argument("--temporal-guidance", type=float, default=0.0,
-                         help="temporal guidance scale (sampler.temporal_guidance; default 0:"
-                              " off)")
-    defects.add_argument("--eta", type=float,
-                         help="share of fresh noise per step (sampler.eta; default: the"
-                              " model's)")
-    defects.add_argument("--eta-until", type=float,
-                         help="steps at t at or below this are Euler steps"
-                              " (sampler.eta_until; default: the model's)")
+    add_sampler_args(defects)
     defects.add_argument("--checks", default="jump,extra_object,shape_change",
                          help="which checks (default: all three)")
     defects.add_argument("--model", default="tiny-shapes",
@@ -236,18 +222,6 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_sampler_args(args: argparse.Namespace) -> None:
-    """--temporal-guidance and --eta within the bounds the daemon's settings allow."""
-    from chaid.config import MAX_CFG_SCALE
-
-    check_number("--temporal-guidance", args.temporal_guidance, 0.0, MAX_CFG_SCALE,
-                 error=ChaidError)
-    if args.eta is not None:
-        check_number("--eta", args.eta, 0.0, 1.0, error=ChaidError)
-    if args.eta_until is not None:
-        check_number("--eta-until", args.eta_until, 0.0, 1000.0, error=ChaidError)
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from chaid.config import MAX_STEPS, MODEL_CFG_SCALE
 
@@ -258,7 +232,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.stride < 1:
         raise ChaidError("--stride must be at least 1")
     check_int("--threads", args.threads, 1, 256, ChaidError)
-    check_sampler_args(args)
+    sampler = sampler_args(args)
     base = None
     if args.against is not None:  # read before the long run, not after it
         try:
@@ -280,13 +254,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     chosen = {item.index for item in items}
     keep = [i for i in sheet_items if i in chosen] if args.sheet else []
     pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"),
-                        temporal_guidance=args.temporal_guidance, eta=args.eta,
-                        eta_until=args.eta_until)
+                        **sampler)
     scale = MODEL_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     report = suite.evaluate_steps(pipeline, items, steps, keep_videos=keep, cfg_scale=scale)
     report["model"] = args.model
-    report["sampler"] = {"temporal_guidance": pipeline.temporal_guidance, "eta": pipeline.eta,
-                         "eta_until": pipeline.eta_until}
+    report["sampler"] = pipeline.sampler
     if base is not None:
         try:
             report["against"] = {"base": str(args.against), **suite.paired_against(report, base)}
@@ -316,7 +288,7 @@ def _cmd_defects(args: argparse.Namespace) -> int:
 
     check_int("--seeds", args.seeds, 1, 1000, ChaidError)
     check_int("--threads", args.threads, 1, 256, ChaidError)
-    check_sampler_args(args)
+    sampler = sampler_args(args)
     if args.steps is not None:
         check_int("--steps", args.steps, 1, MAX_STEPS, ChaidError)
     checks = tuple(c for c in args.checks.split(",") if c)
@@ -331,8 +303,7 @@ def _cmd_defects(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     logging.getLogger("chaid_lab.shapes").setLevel(logging.INFO)
     pipeline = Pipeline(build_parts(args.model, args.weights), torch.device("cpu"),
-                        temporal_guidance=args.temporal_guidance, eta=args.eta,
-                        eta_until=args.eta_until)
+                        **sampler)
     report = defects.run(pipeline, args.seeds, args.steps, args.cfg_scale, checks)
     report["model"] = args.model
     if args.weights is not None:

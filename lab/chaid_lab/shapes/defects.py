@@ -136,8 +136,7 @@ def run(pipeline: Any, seeds: int = DEFAULT_SEEDS, steps: int | None = None,
     steps = steps or pipeline.chai.full_steps
     scale = MODEL_CFG_SCALE if cfg_scale is None else cfg_scale
     report: dict[str, Any] = {"seeds": seeds, "steps": steps, "checks": {},
-                              "sampler": {"eta": pipeline.eta, "eta_until": pipeline.eta_until,
-                                          "temporal_guidance": pipeline.temporal_guidance}}
+                              "sampler": pipeline.sampler}
     t0 = time.perf_counter()
     for check in checks:
         rows = []

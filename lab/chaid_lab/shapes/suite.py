@@ -272,8 +272,7 @@ def format_against(paired: dict) -> str:
 
     lines = [f"paired against the base evaluation ({paired['items']} items, this minus base):"]
     for steps, diffs in paired["steps"].items():
-        lines.append(f"{steps:>5} steps  " + "  ".join(
-            f"{name} {format_diff(d)}" for name, d in diffs.items() if name == "judge"))
+        lines.append(f"{steps:>5} steps  judge {format_diff(diffs['judge'])}")
         lines.extend(f"{'':>13}{name} {format_diff(d)}" for name, d in diffs.items()
                      if name != "judge")
     return "\n".join(lines)
