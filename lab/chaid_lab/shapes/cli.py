@@ -79,6 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="dit only: weight of bouncing motion against each other motion's 1 (default: 1)",
     )
+    train.add_argument(
+        "--dataset-size",
+        type=int,
+        help="dit only: scenes rendered and encoded for training (default: 8000)",
+    )
     train.set_defaults(func=_cmd_train)
 
     judge = commands.add_parser(
@@ -189,6 +194,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ("batch_size", args.batch_size),
             ("two_object_prob", args.two_object_prob),
             ("bouncing_weight", args.bouncing_weight),
+            ("dataset_size", args.dataset_size),
         )
         if v is not None
     }

@@ -401,6 +401,7 @@ def cli_train(
     batch_size: int | None = None,
     two_object_prob: float | None = None,
     bouncing_weight: float | None = None,
+    dataset_size: int | None = None,
 ) -> dict:
     """`chaid-lab shapes train dit`: train tiny-shapes; out None writes the shipped weights.
 
@@ -418,6 +419,7 @@ def cli_train(
         ("object_weight", object_weight, check_number, 0.0, 100.0),
         ("threads", threads, check_int, 1, 256),
         ("batch_size", batch_size, check_int, 1, 1024),
+        ("dataset_size", dataset_size, check_int, 1, 1_000_000),
         ("two_object_prob", two_object_prob, check_number, 0.0, 1.0),
         ("bouncing_weight", bouncing_weight, check_number, 0.0, 100.0),
     ):

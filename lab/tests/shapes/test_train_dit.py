@@ -130,3 +130,14 @@ def test_the_default_output_is_the_shipped_preset_weights():
     from chaid_lab.shapes.train_dit import SHIPPED_DIR, WEIGHTS
 
     assert SHIPPED_DIR / WEIGHTS == get_spec("tiny-shapes").dit_weights
+
+
+@pytest.mark.parametrize("option, value", [("dataset_size", 0), ("dataset_size", 2.5),
+                                           ("two_object_prob", 1.5), ("batch_size", -1)])
+def test_cli_train_rejects_bad_options_before_training(tmp_path, option, value):
+    from chaid.errors import ChaidError
+    from chaid_lab.shapes.train_dit import cli_train
+
+    with pytest.raises(ChaidError, match=f"--{option.replace('_', '-')}"):
+        cli_train(tmp_path / "out", 0, 1, **{option: value})
+    assert not (tmp_path / "out").exists()
