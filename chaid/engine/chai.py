@@ -254,15 +254,25 @@ class ChaiEngine:
             log.error("cache lookup failed (%s); running a miss", exc)
             return None
 
-    def look_up(self, request: GenerationRequest, mode: CacheMode
+    def look_up(self, request: GenerationRequest, mode: CacheMode,
+                timings: dict[str, float] | None = None,
                 ) -> tuple[LookupResult | None, torch.Tensor | None]:
         """What a generate needs to know first (CPU only): the final latent of an exact
         repeat (:meth:`find_repeat`), else the cache lookup when ``mode`` makes one
-        (:meth:`lookup_or_miss`); (lookup, repeat), either or both None."""
+        (:meth:`lookup_or_miss`); (lookup, repeat), either or both None. ``timings``, when
+        given, receives ``repeat_ms`` (the repeat probe) and, when a lookup ran,
+        ``lookup_ms``."""
+        t0 = time.perf_counter()
         repeat = self.find_repeat(request, mode)
+        t1 = time.perf_counter()
+        if timings is not None:
+            timings["repeat_ms"] = (t1 - t0) * 1e3
         if repeat is not None or not needs_lookup(mode):
             return None, repeat
-        return self.lookup_or_miss(request), None
+        lookup = self.lookup_or_miss(request)
+        if timings is not None:
+            timings["lookup_ms"] = (time.perf_counter() - t1) * 1e3
+        return lookup, None
 
     def generate(
         self,

@@ -97,6 +97,8 @@ class Job:
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     finished_at: float | None = None
+    # The exact-repeat probe and the cache lookup before the run (ChaiEngine.look_up).
+    repeat_ms: float = 0.0
     lookup_ms: float = 0.0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
@@ -344,11 +346,12 @@ class DeviceWorker:
 
     async def _look_up(self, job: Job) -> tuple[LookupResult | None, Any]:
         """The job's exact repeat, else its cache lookup when its mode needs one."""
-        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
         lookup, repeat = await trio.to_thread.run_sync(self.engine.look_up, job.request,
-                                                       job.mode, limiter=self.lookup_limiter)
-        if lookup is not None:
-            job.lookup_ms = (time.perf_counter() - t0) * 1e3
+                                                       job.mode, timings,
+                                                       limiter=self.lookup_limiter)
+        job.repeat_ms = timings.get("repeat_ms", 0.0)
+        job.lookup_ms = timings.get("lookup_ms", 0.0)
         return lookup, repeat
 
     async def _conclude(self, job: Job, outcome: ChaiOutcome) -> None:

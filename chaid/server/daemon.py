@@ -303,6 +303,7 @@ class Daemon:
         t_end = time.perf_counter()
         timings = {
             "queue_ms": (job.started_at - job.enqueued_at) * 1e3,
+            "repeat_ms": job.repeat_ms,
             "lookup_ms": job.lookup_ms,
             **{k: v for k, v in result.timings.as_dict().items() if k != "total_ms"},
             "generate_ms": result.timings.total_ms,

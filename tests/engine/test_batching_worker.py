@@ -184,3 +184,20 @@ def test_a_failing_job_fails_alone(engine):
     assert bad.state is JobState.FAILED and "out of memory" in str(bad.error)
     assert good.state is JobState.DONE
     assert pool.counts["failed"] == 1
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_jobs_time_the_repeat_probe_and_the_lookup_apart(engine, max_batch):
+    # a miss looks up; the same request after it is a repeat, which skips the lookup; an
+    # "off" job makes none
+    first = job(engine, RED, seed=4)
+    run_pool(engine, [first], max_batch)
+    again, off = job(engine, RED, seed=4), job(engine, BLUE, CacheMode.OFF, steps=3)
+    run_pool(engine, [again, off], max_batch)
+    assert (first.outcome.outcome, again.outcome.outcome) == (Outcome.MISS, Outcome.REPEAT)
+    assert first.lookup_ms > 0 and first.repeat_ms > 0
+    assert again.lookup_ms == 0 and again.repeat_ms > 0
+    assert off.lookup_ms == 0
+    timings: dict[str, float] = {}
+    engine.look_up(engine.resolve(GREEN), CacheMode.REFRESH, timings)
+    assert timings["repeat_ms"] >= 0 and "lookup_ms" not in timings

@@ -56,6 +56,7 @@ def test_chai_cli_json(shared_daemon, tmp_path):
     facts = json.loads(run.stdout)
     assert facts["cache"] == "miss" and facts["steps"] == 30 and facts["matched"] is None
     assert facts["timings"]["total_ms"] > 0 and out.stat().st_size > 100
+    assert facts["timings"]["lookup_ms"] > 0 and facts["timings"]["repeat_ms"] >= 0
     run = subprocess.run(
         [sys.executable, "-m", "chai_client.cli", "generate", "a yellow star in a desert",
          "-o", str(out), "--json"], env=env, capture_output=True, text=True, timeout=120)
