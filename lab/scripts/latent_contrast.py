@@ -79,13 +79,15 @@ def contrast(parts, scenes: int, seed: int) -> dict[tuple[str, str], list[float]
     return out
 
 
-def jumps(pipeline: Pipeline, colour: str, background: str, seeds: int) -> tuple[int, int]:
+def jumps(pipeline: Pipeline, colour: str, background: str, seeds: int,
+          steps: int | None = None) -> tuple[int, int]:
+    """Jumps in ``seeds`` bouncing clips of the pair and in their truths' VAE round trips."""
     model = vae = 0
     for seed in range(seeds):
         turn = SHAPES[seed % 3:] + SHAPES[:seed % 3]
         shape = next(s for s in turn if (s, colour) not in HELD_OUT_OBJECTS)
         prompt = f"a {colour} {shape} bouncing around {PHRASES[background]}"
-        req = pipeline.resolve(GenerationRequest(prompt, seed=seed))
+        req = pipeline.resolve(GenerationRequest(prompt, seed=seed, steps=steps or 30))
         model += largest_blob_jump(pipeline.generate(req).video) > VISIBLE_JUMP_PX
         truth = render(scene_for_prompt(prompt, np.random.default_rng(seed)), req.frames,
                        req.height, req.width)
@@ -97,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=1500, help="one-object scenes (1500)")
     ap.add_argument("--seeds", type=int, default=0, help="bouncing videos per pair (0: none)")
+    ap.add_argument("--steps", type=int, help="denoising steps (default: the preset's 30)")
     ap.add_argument("--weights", type=Path, help="DiT weights (default: the preset's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
@@ -115,7 +118,7 @@ def main() -> None:
                    "held_out": (colour, background) in HELD_OUT_COLOUR_BACKGROUNDS}
             if pipeline is not None:
                 row["jumps"], row["vae_jumps"] = jumps(pipeline, colour, background,
-                                                       args.seeds)
+                                                       args.seeds, args.steps)
                 print(f"{colour} {background}: contrast {row['contrast']}, jumps "
                       f"{row['jumps']}/{args.seeds} ({time.perf_counter() - t0:.0f} s)",
                       flush=True)
@@ -129,7 +132,7 @@ def main() -> None:
             if "jumps" in r else ("–", "–")
         print(f"| {r['colour']} | {r['background']}{mark} | {r['contrast']:.1f} | "
               f"{seen[0]} | {seen[1]} |")
-    report = {"scenes": args.scenes, "seeds": args.seeds, "rows": rows,
+    report = {"scenes": args.scenes, "seeds": args.seeds, "steps": args.steps, "rows": rows,
               "seconds": round(time.perf_counter() - t0, 1)}
     if pipeline is not None:
         from scipy.stats import spearmanr
