@@ -8,6 +8,7 @@ in milliseconds with a message naming every offending tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -39,6 +40,16 @@ def resolve_weights_file(path: str | Path) -> Path:
     if not p.is_file():
         raise WeightsError(f"no weights file at {p}")
     return p
+
+
+def file_digest(path: str | Path, size: int = 12) -> str:
+    """A hex digest of a weights file's whole content (``size`` bytes of BLAKE2b): what
+    tells two trainings of the same network apart."""
+    digest = hashlib.blake2b(digest_size=size)
+    with open(resolve_weights_file(path), "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:

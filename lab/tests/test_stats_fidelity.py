@@ -142,6 +142,12 @@ def test_step_curve_runs_reports_and_resumes(tmp_path, one_thread):
     del saved["eta"], saved["eta_until"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert run(dataclasses.replace(cfg, eta=0.0), tmp_path, (0, 1))["pairs"] == 4
+    # rows of other DiT weights under the same name (a retrained preset) are another model's
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["dit_digest"] == "init"  # tiny-test runs a seeded initialisation
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "dit_digest": "0" * 24}))
+    with pytest.raises(ChaidError, match="another configuration"):
+        run(cfg, tmp_path, (0, 1))
 
 
 def test_t_matched_feeds_the_nearest_noise_level():

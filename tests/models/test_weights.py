@@ -105,3 +105,15 @@ def test_unknown_preset_and_config_field():
         build_model("nope")
     with pytest.raises(ChaidError, match="unknown STDiT3 config fields: depht"):
         build_model("tiny-test", depht=3)
+
+
+def test_file_digest_tells_trainings_apart(tmp_path):
+    from chaid.models.weights import file_digest
+
+    a = save_weights(build_model("tiny-test", seed=1), tmp_path / "a")
+    b = save_weights(build_model("tiny-test", seed=2), tmp_path / "b")
+    again = save_weights(build_model("tiny-test", seed=1), tmp_path / "again")
+    assert file_digest(a) == file_digest(tmp_path / "a") == file_digest(again)  # dir or file
+    assert file_digest(a) != file_digest(b) and len(file_digest(a)) == 24
+    with pytest.raises(WeightsError, match="no weights file"):
+        file_digest(tmp_path / "none")

@@ -282,11 +282,17 @@ def _config_dict(cfg: StepCurveConfig) -> dict[str, Any]:
     out["steps"] = list(cfg.steps)
     out["variants"] = list(cfg.variants)
     from chaid.models import get_spec
+    from chaid.models.weights import file_digest
 
     spec = get_spec(cfg.model)
     for key in ("eta", "eta_until"):  # the sampler the runs use: unset is the preset's
         if out[key] is None:
             out[key] = getattr(spec, key)
+    # The DiT's weights by content: retrained weights under the same name are another model,
+    # whose rows must not join these.
+    weights = cfg.weights or spec.dit_weights
+    out["dit_digest"] = file_digest(weights) if weights is not None and Path(
+        weights).exists() else "init"
     return out
 
 
