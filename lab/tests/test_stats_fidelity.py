@@ -148,6 +148,9 @@ def test_step_curve_runs_reports_and_resumes(tmp_path, one_thread):
     (tmp_path / "config.json").write_text(json.dumps({**saved, "dit_digest": "0" * 24}))
     with pytest.raises(ChaidError, match="another configuration"):
         run(cfg, tmp_path, (0, 1))
+    # the same weights read from another path are the same model
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "weights": "/elsewhere"}))
+    assert run(cfg, tmp_path, (0, 1))["pairs"] == 4
 
 
 def test_t_matched_feeds_the_nearest_noise_level():

@@ -253,8 +253,9 @@ def run(cfg: StepCurveConfig, out: Path, shard: tuple[int, int] = (0, 1)) -> dic
     config = json.loads(json.dumps(_config_dict(cfg)))  # as it reads back
     done = read_rows(out)
     saved = out / "config.json"
-    if done and saved.is_file() and {**_CONFIG_BEFORE, **json.loads(saved.read_text())
-                                     } != config:
+    if done and saved.is_file() and _identity({**_CONFIG_BEFORE,
+                                               **json.loads(saved.read_text())}
+                                              ) != _identity(config):
         raise ChaidError(f"{out} holds pairs of another configuration ({saved});"
                          " choose another --out or remove that directory")
     saved.write_text(json.dumps(config, indent=2))
@@ -294,6 +295,12 @@ def _config_dict(cfg: StepCurveConfig) -> dict[str, Any]:
     out["dit_digest"] = file_digest(weights) if weights is not None and Path(
         weights).exists() else "init"
     return out
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What must match for rows to join one report: the configuration without the path the
+    weights were read from (dit_digest names them by content, wherever they lie)."""
+    return {k: v for k, v in config.items() if k != "weights"}
 
 
 # Rows written before the configuration named the sampler were sampled with the ODE.
