@@ -35,7 +35,7 @@ from chaid.engine.pipeline import (
 from chaid.engine.repeats import RepeatStore, repeat_key, settings_of
 from chaid.models import ModelParts
 from chaid.models.shapes_vocab import Understanding
-from chaid.models.weights import resolve_weights_file
+from chaid.models.weights import hash_weights_file
 from chaid.modes import CacheMode, Outcome, decide, needs_lookup
 from chaid.store.analysis import Analyzer
 from chaid.store.cache import InsertResult, LatentCache
@@ -44,10 +44,6 @@ from chaid.store.matching import LookupResult
 from chaid.store.shared import SharedTier
 
 log = logging.getLogger(__name__)
-
-# Bytes read per call while hashing a weights file (large sequential reads are fastest).
-_DIGEST_CHUNK = 8 << 20
-
 
 def model_fingerprint(parts: ModelParts, weights: str | None) -> str:
     """Names the latent space of a model: cached latents are only reused by the same one.
@@ -62,9 +58,7 @@ def model_fingerprint(parts: ModelParts, weights: str | None) -> str:
     if weights is None:
         digest.update(f"init-seed-0|{parts.dit.cfg!r}".encode())
     else:
-        with open(resolve_weights_file(weights), "rb") as fh:
-            while chunk := fh.read(_DIGEST_CHUNK):
-                digest.update(chunk)
+        hash_weights_file(digest, weights)
     return f"{parts.spec.name}-{digest.hexdigest()}"
 
 

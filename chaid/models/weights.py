@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -42,14 +43,23 @@ def resolve_weights_file(path: str | Path) -> Path:
     return p
 
 
+# Bytes read per call while hashing a weights file (large sequential reads are fastest).
+_DIGEST_CHUNK = 8 << 20
+
+
+def hash_weights_file(digest: Any, path: str | Path) -> Any:
+    """Feed a weights file's whole content (:func:`resolve_weights_file`) to ``digest`` (a
+    hashlib object), in large reads; returns ``digest``."""
+    with open(resolve_weights_file(path), "rb") as fh:
+        while chunk := fh.read(_DIGEST_CHUNK):
+            digest.update(chunk)
+    return digest
+
+
 def file_digest(path: str | Path, size: int = 12) -> str:
     """A hex digest of a weights file's whole content (``size`` bytes of BLAKE2b): what
     tells two trainings of the same network apart."""
-    digest = hashlib.blake2b(digest_size=size)
-    with open(resolve_weights_file(path), "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hash_weights_file(hashlib.blake2b(digest_size=size), path).hexdigest()
 
 
 def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
