@@ -35,7 +35,7 @@ from chaid_lab.shapes.data import to_tensor
 from chaid_lab.shapes.defects import VISIBLE_JUMP_PX, round_trip
 from chaid_lab.shapes.heldout import HELD_OUT_COLOUR_BACKGROUNDS, HELD_OUT_OBJECTS
 from chaid_lab.shapes.prompts import scene_for_prompt
-from chaid_lab.shapes.train_dit import latent_object_mask
+from chaid_lab.shapes.train_dit import latent_cover, latent_object_mask
 from chaid_lab.shapes.world import (
     BACKGROUND_STYLES,
     DEFAULT_DISTRIBUTION,
@@ -67,9 +67,8 @@ def contrast(parts, scenes: int, seed: int) -> dict[tuple[str, str], list[float]
         with torch.no_grad():
             z = parts.vae.encode(to_tensor(video)[None])[0]  # (C, T, h, w)
         thw = tuple(z.shape[1:])
-        union = torch.from_numpy(masks.max(axis=1)).float()
-        cover = torch.nn.functional.adaptive_avg_pool3d(union[None, None], thw)[0, 0]
-        core, ground = cover > CORE_COVER, ~latent_object_mask(masks, thw)
+        core = latent_cover(masks, thw) > CORE_COVER
+        ground = ~latent_object_mask(masks, thw)
         if not core.any() or ground.sum() < 4:
             continue
         background = z[:, ground]

@@ -148,15 +148,22 @@ def latent_object_mask(masks: np.ndarray, latent_thw: tuple[int, int, int]) -> t
     at least 5% of its pixels in its frames; the one-cell margin keeps the places an object
     moves into and out of in the weighted region, since getting them empty matters as much.
     """
+    cover = latent_cover(masks, latent_thw)
+    grown = torch.nn.functional.max_pool3d((cover > 0.05).float()[None, None], (1, 3, 3), 1,
+                                           (0, 1, 1))
+    return grown[0, 0].bool()
+
+
+def latent_cover(masks: np.ndarray, latent_thw: tuple[int, int, int]) -> torch.Tensor:
+    """The share of each latent cell's pixels (in its frames) that objects cover → float
+    (T, h, w); ``masks`` is render_with_masks' (F, N, H, W) coverage."""
     t, h, w = latent_thw
     union = torch.from_numpy(masks.max(axis=1) if masks.shape[1] else masks.sum(axis=1))
     frames = union.shape[0]
     if frames % t:  # the VAE repeats the last frame to fill its last latent frame
         pad = t * -(-frames // t) - frames
         union = torch.cat([union, union[-1:].expand(pad, -1, -1)])
-    cover = torch.nn.functional.adaptive_avg_pool3d(union[None, None].float(), (t, h, w))
-    grown = torch.nn.functional.max_pool3d((cover > 0.05).float(), (1, 3, 3), 1, (0, 1, 1))
-    return grown[0, 0].bool()
+    return torch.nn.functional.adaptive_avg_pool3d(union[None, None].float(), (t, h, w))[0, 0]
 
 
 def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.Generator):
