@@ -2,11 +2,9 @@
 background, and how often a bouncing object of that pair jumps (docs/shapes.md, "Where the
 jumps left come from").
 
-Contrast: for one-object scenes of the world, the distance between the mean latent of the
-cells an object covers (over 40% of their pixels) and the mean latent of the cells it never
-comes near, per channel in units of those background cells' standard deviation, then the
-norm over channels. A textured or moving ground (the ocean's crests) has a wide spread, so
-an object must differ more to stand out in it.
+Contrast: ``train_dit.object_contrast`` of one-object scenes of the world (the distance of
+the object cells' mean latent from its ground's, in units of the ground's spread per
+channel), averaged per pair.
 
 Jumps (``--seeds N``): "a {colour} {shape} bouncing around {background}" at N seeds (the
 shape cycles through the three with the seed) with the preset's sampler, flagged by the
@@ -35,7 +33,7 @@ from chaid_lab.shapes.data import to_tensor
 from chaid_lab.shapes.defects import VISIBLE_JUMP_PX, round_trip
 from chaid_lab.shapes.heldout import HELD_OUT_COLOUR_BACKGROUNDS, HELD_OUT_OBJECTS
 from chaid_lab.shapes.prompts import scene_for_prompt
-from chaid_lab.shapes.train_dit import latent_cover, latent_object_mask
+from chaid_lab.shapes.train_dit import object_contrast
 from chaid_lab.shapes.world import (
     BACKGROUND_STYLES,
     DEFAULT_DISTRIBUTION,
@@ -50,8 +48,6 @@ PHRASES = {"grassy field": "across a grassy field", "ocean": "over the ocean",
            "desert": "over the desert", "snowy field": "over a snowy field",
            "night sky": "in the night sky"}
 SHAPES = ("circle", "square", "triangle")
-# A latent cell is the object's when it covers this share of the cell's pixels.
-CORE_COVER = 0.4
 
 
 def contrast(parts, scenes: int, seed: int) -> dict[tuple[str, str], list[float]]:
@@ -66,15 +62,9 @@ def contrast(parts, scenes: int, seed: int) -> dict[tuple[str, str], list[float]
         video, masks = render_with_masks(scene, 16, 64, 64)
         with torch.no_grad():
             z = parts.vae.encode(to_tensor(video)[None])[0]  # (C, T, h, w)
-        thw = tuple(z.shape[1:])
-        core = latent_cover(masks, thw) > CORE_COVER
-        ground = ~latent_object_mask(masks, thw)
-        if not core.any() or ground.sum() < 4:
-            continue
-        background = z[:, ground]
-        gap = (z[:, core].mean(1) - background.mean(1)) / background.std(1).clamp_min(1e-3)
-        out.setdefault((scene.objects[0].colour, scene.background), []).append(
-            float(gap.norm()))
+        gap = object_contrast(z, masks)
+        if gap is not None:
+            out.setdefault((scene.objects[0].colour, scene.background), []).append(gap)
     return out
 
 

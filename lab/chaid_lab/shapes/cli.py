@@ -84,6 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="dit only: scenes rendered and encoded for training (default: 8000)",
     )
+    train.add_argument(
+        "--contrast-reference",
+        type=float,
+        help="dit only: multiply the object weight of a scene whose objects stand out from"
+        " their ground by less than this latent contrast by the shortfall, at most 4x"
+        " (default: 0, off; docs/shapes.md)",
+    )
     train.set_defaults(func=_cmd_train)
 
     judge = commands.add_parser(
@@ -195,6 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             ("two_object_prob", args.two_object_prob),
             ("bouncing_weight", args.bouncing_weight),
             ("dataset_size", args.dataset_size),
+            ("contrast_reference", args.contrast_reference),
         )
         if v is not None
     }

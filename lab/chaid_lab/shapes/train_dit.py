@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +90,12 @@ class DitTrainConfig:
     # Weight of bouncing motion against each other motion's 1 in the drawn scenes: a bounce
     # is the one path that folds within a latent frame, and the hardest motion to learn.
     bouncing_weight: float = 1.0
+    # Contrast reference R (0: off; needs object_weight): a scene whose objects stand out
+    # from their ground by c < R in the latent (object_contrast) has its object weight
+    # multiplied by R / c, at most MAX_CONTRAST_BOOST. A low-contrast object (blue over the
+    # ocean) moves the plain loss little wherever it is drawn, so the model learns to place
+    # it least; the boost gives its cells the pull of a well-separated object's.
+    contrast_reference: float = 0.0
     # DiT weights to start from (a safetensors file) instead of the seeded initialisation:
     # a second training stage continues the first one's model with a fresh optimiser.
     init: str | None = None
@@ -104,6 +111,8 @@ class DitTrainConfig:
             raise ValueError(
                 f"unknown lr_schedule {self.lr_schedule!r}: use {' or '.join(LR_SCHEDULES)}"
             )
+        if self.contrast_reference > 0 and self.object_weight <= 0:
+            raise ValueError("contrast_reference scales the object weight: set object_weight")
 
 
 @dataclass
@@ -166,12 +175,47 @@ def latent_cover(masks: np.ndarray, latent_thw: tuple[int, int, int]) -> torch.T
     return torch.nn.functional.adaptive_avg_pool3d(union[None, None].float(), (t, h, w))[0, 0]
 
 
-def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.Generator):
-    """Render and encode ``dataset_size`` clips.
+# A latent cell belongs to an object's core when objects cover this share of its pixels.
+CORE_COVER = 0.4
+# The most contrast_reference multiplies a scene's object weight by.
+MAX_CONTRAST_BOOST = 4.0
 
-    Returns (latents fp16 (N, C, T, h, w), scenes, object masks bool (N, T, h, w) or None
-    when the loss does not weight objects).
+
+def object_contrast(z: torch.Tensor, masks: np.ndarray) -> float | None:
+    """How far a scene's objects stand out from their ground in its latent ``z`` (C, T, h, w).
+
+    The distance between the mean latent of the cells objects cover (over CORE_COVER of
+    their pixels) and the mean latent of the cells no object comes near, per channel in units
+    of those ground cells' standard deviation, then the norm over channels. A textured or
+    moving ground (the ocean's crests) has a wide spread, so an object must differ more to
+    stand out in it. None when the scene has no core cell or under 4 ground cells.
     """
+    thw = tuple(z.shape[1:])
+    core = latent_cover(masks, thw) > CORE_COVER
+    ground = ~latent_object_mask(masks, thw)
+    if not core.any() or ground.sum() < 4:
+        return None
+    zf = z.float()
+    background = zf[:, ground]
+    gap = (zf[:, core].mean(1) - background.mean(1)) / background.std(1).clamp_min(1e-3)
+    return float(gap.norm())
+
+
+class LatentDataset(NamedTuple):
+    """Encoded training clips: latents fp16 (N, C, T, h, w) and their scenes; object masks
+    bool (N, T, h, w) when the loss weights objects, else None; per-clip multipliers of the
+    object weight float (N,) when ``contrast_reference`` is set, else None."""
+
+    latents: torch.Tensor
+    scenes: list
+    masks: torch.Tensor | None
+    boost: torch.Tensor | None
+
+
+def build_latent_dataset(
+    parts: ModelParts, cfg: DitTrainConfig, rng: np.random.Generator
+) -> LatentDataset:
+    """Render and encode ``dataset_size`` clips."""
     spec = parts.spec
     dist = TRAINING_DISTRIBUTION
     if cfg.two_object_prob is not None:
@@ -187,6 +231,7 @@ def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.
         if cfg.object_weight > 0
         else None
     )
+    boost = torch.ones(cfg.dataset_size) if cfg.contrast_reference > 0 else None
     start = time.perf_counter()
     for i in range(0, cfg.dataset_size, cfg.encode_batch):
         chunk = scenes[i : i + cfg.encode_batch]
@@ -200,6 +245,11 @@ def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.
         pixels = torch.from_numpy(video).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
         with torch.no_grad():
             latents[i : i + len(chunk)] = parts.vae.encode(pixels).to(torch.float16)
+        if boost is not None:
+            for k, (_, m) in enumerate(rendered):
+                c = object_contrast(latents[i + k], m)
+                if c is not None and c < cfg.contrast_reference:
+                    boost[i + k] = min(MAX_CONTRAST_BOOST, cfg.contrast_reference / c)
         done = i + len(chunk)
         if done % (cfg.encode_batch * 50) == 0 or done == cfg.dataset_size:
             log.info(
@@ -208,7 +258,10 @@ def build_latent_dataset(parts: ModelParts, cfg: DitTrainConfig, rng: np.random.
                 cfg.dataset_size,
                 time.perf_counter() - start,
             )
-    return latents, scenes, masks
+    if boost is not None:
+        log.info("contrast: %d of %d clips boosted, mean multiplier %.2f",
+                 int((boost > 1).sum()), len(boost), float(boost.mean()))
+    return LatentDataset(latents, scenes, masks, boost)
 
 
 def sample_timesteps(batch: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
@@ -312,7 +365,7 @@ def train_dit(
 
     # The dataset is a pure function of the seed, so a resumed run rebuilds the same one.
     rng = np.random.default_rng(cfg.seed)
-    latents, scenes, object_masks = build_latent_dataset(parts, cfg, rng)
+    latents, scenes, object_masks, boost = build_latent_dataset(parts, cfg, rng)
     bank = build_text_bank(parts, scenes, cfg.prompts_per_scene, rng)
     spec = parts.spec
     ratio = transform_ratio(spec.height, spec.width, latents.shape[2], dit.cfg.input_sq_size)
@@ -333,7 +386,9 @@ def train_dit(
             group["lr"] = learning_rate(cfg, step)
         weight = None
         if object_masks is not None:
-            weight = 1.0 + cfg.object_weight * object_masks[idx].float()
+            scale = cfg.object_weight if boost is None else (
+                cfg.object_weight * boost[idx][:, None, None, None])
+            weight = 1.0 + scale * object_masks[idx].float()
         loss = flow_loss(parts, x0, text, t, noise, drop, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -409,6 +464,7 @@ def cli_train(
     two_object_prob: float | None = None,
     bouncing_weight: float | None = None,
     dataset_size: int | None = None,
+    contrast_reference: float | None = None,
 ) -> dict:
     """`chaid-lab shapes train dit`: train tiny-shapes; out None writes the shipped weights.
 
@@ -429,6 +485,7 @@ def cli_train(
         ("dataset_size", dataset_size, check_int, 1, 1_000_000),
         ("two_object_prob", two_object_prob, check_number, 0.0, 1.0),
         ("bouncing_weight", bouncing_weight, check_number, 0.0, 100.0),
+        ("contrast_reference", contrast_reference, check_number, 0.0, 100.0),
     ):
         if value is not None:
             fields[name] = check(f"--{name.replace('_', '-')}", value, low, high,
@@ -437,6 +494,8 @@ def cli_train(
         fields["lr"] = check_number("--lr", lr, 0.0, 1e-2, open_low=True, error=ChaidError)
     if lr_schedule is not None:
         fields["lr_schedule"] = lr_schedule
+    if fields.get("contrast_reference", 0) > 0 and fields.get("object_weight", 0) <= 0:
+        raise ChaidError("--contrast-reference scales the object weight: give --object-weight")
     cfg = DitTrainConfig(**fields)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chaid"
     # A stage started from other weights keeps its own checkpoint, named by their content.

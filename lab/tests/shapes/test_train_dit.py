@@ -10,11 +10,14 @@ from chaid.models import build_model, build_parts
 from chaid_lab.shapes.prompts import describe
 from chaid_lab.shapes.train_dit import (
     CHECKPOINT,
+    MAX_CONTRAST_BOOST,
     DitTrainConfig,
     build_latent_dataset,
     flow_loss,
+    latent_cover,
     latent_object_mask,
     learning_rate,
+    object_contrast,
     train_dit,
 )
 from chaid_lab.shapes.world import Scene, ShapeObject, render_with_masks
@@ -35,7 +38,7 @@ CFG = DitTrainConfig(
 def _fixed_batch_loss(parts, seed=123):
     rng = np.random.default_rng(seed)
     cfg = DitTrainConfig(dataset_size=16, encode_batch=16)
-    latents, scenes, _ = build_latent_dataset(parts, cfg, rng)
+    latents, scenes, _, _ = build_latent_dataset(parts, cfg, rng)
     gen = torch.Generator().manual_seed(seed)
     x0 = latents.float()
     t = torch.full((len(scenes),), 500.0)
@@ -74,6 +77,38 @@ def test_object_mask_marks_the_cells_an_object_covers_with_a_margin():
     # an object of a fifth of the frame, plus a one-cell margin: a small part of the grid
     assert 4 <= cells[0].sum() <= 25
     assert not latent_object_mask(np.zeros((16, 1, 64, 64), np.float32), (8, 8, 8)).any()
+
+
+def test_object_contrast_grows_with_how_far_the_object_latent_stands_out():
+    scene = Scene("desert", (ShapeObject("square", "red", "right", size=0.3, x=0.0, y=0.5),))
+    _, masks = render_with_masks(scene, 16, 64, 64)
+    core = latent_cover(masks, (8, 8, 8)) > 0.4
+    ground = torch.randn((4, 8, 8, 8), generator=torch.Generator().manual_seed(0))
+    readings = []
+    for lift in (0.5, 2.0, 8.0):
+        z = ground.clone()
+        z[:, core] += lift  # every channel of the object's cells, in units of the ground's std
+        readings.append(object_contrast(z, masks))
+    assert readings[0] < readings[1] < readings[2]
+    assert readings[2] == pytest.approx(8.0 * 2, rel=0.25)  # norm over 4 channels of ~8
+    empty = np.zeros((16, 1, 64, 64), np.float32)
+    assert object_contrast(ground, empty) is None  # no object: nothing to measure
+
+
+def test_contrast_reference_boosts_low_contrast_clips_within_bounds(one_thread):
+    parts = build_parts("tiny-test", init=True)
+    cfg = DitTrainConfig(dataset_size=16, encode_batch=8, object_weight=4.0,
+                         contrast_reference=1e3)
+    data = build_latent_dataset(parts, cfg, np.random.default_rng(0))
+    assert data.boost is not None and data.boost.shape == (16,)
+    # a reference far above every clip's contrast boosts each clip with an object, capped
+    assert data.boost.max() == MAX_CONTRAST_BOOST and data.boost.min() >= 1.0
+    plain = build_latent_dataset(parts, DitTrainConfig(dataset_size=16, encode_batch=8,
+                                                       object_weight=4.0),
+                                 np.random.default_rng(0))
+    assert plain.boost is None and torch.equal(plain.latents, data.latents)
+    with pytest.raises(ValueError, match="object_weight"):
+        DitTrainConfig(contrast_reference=7.0)
 
 
 def test_weighted_loss_counts_object_cells_more(one_thread):
@@ -133,7 +168,9 @@ def test_the_default_output_is_the_shipped_preset_weights():
 
 
 @pytest.mark.parametrize("option, value", [("dataset_size", 0), ("dataset_size", 2.5),
-                                           ("two_object_prob", 1.5), ("batch_size", -1)])
+                                           ("two_object_prob", 1.5), ("batch_size", -1),
+                                           ("contrast_reference", -1.0),
+                                           ("contrast_reference", 7.0)])
 def test_cli_train_rejects_bad_options_before_training(tmp_path, option, value):
     from chaid.errors import ChaidError
     from chaid_lab.shapes.train_dit import cli_train
